@@ -1,0 +1,152 @@
+"""One typed configuration for every Onramp command and job.
+
+Precedence, lowest to highest: the defaults below, ``ONRAMP_<FIELD>`` environment variables, then explicit
+overrides (CLI flags). Every value is validated in one place so a typo fails before a job is submitted, not
+minutes later inside a TaskManager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DELIVERY_MODES = ("at-least-once", "exactly-once")
+EXECUTION_MODES = ("thread", "process")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True)
+class OnrampConfig:
+    """Everything a job, the CLI and the local services need to agree on."""
+
+    # Kafka
+    bootstrap_servers: str = "localhost:9092"
+    input_topic: str = "onboarding-events"
+    decisions_topic: str = "next-step-decisions"
+    dead_letter_topic: str = "onboarding-dead-letters"
+    group_id: str = "onramp-personalize"
+    topic_partitions: int = 1
+    # Flink
+    flink_rest_url: str = "http://localhost:8081"
+    parallelism: int = 1
+    delivery: str = "at-least-once"
+    checkpoint_interval_ms: int = 5000
+    execution_mode: str = "thread"
+    bundle_size: int = 1000
+    bundle_time_ms: int = 5
+    buffer_timeout_ms: int = 5
+    transaction_timeout_ms: int = 600_000
+    # Validation of incoming events
+    max_future_skew_ms: int = 5 * 60 * 1000
+    max_event_age_ms: int = 365 * 24 * 3600 * 1000
+    # Profile and interest scoring
+    interest_half_life_hours: float = 72.0
+    # Files
+    state_dir: Path = REPO_ROOT / ".onramp"
+    jars_dir: Path = REPO_ROOT / ".cache" / "jars"
+    model_dir: Path = REPO_ROOT / ".onramp" / "models"
+    # Local services
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    flink_rest_port: int = 8081
+    service_timeout_s: float = 90.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.delivery not in DELIVERY_MODES:
+            problems.append(f"delivery must be one of {', '.join(DELIVERY_MODES)}, got {self.delivery!r}")
+        if self.execution_mode not in EXECUTION_MODES:
+            problems.append(f"execution_mode must be one of {', '.join(EXECUTION_MODES)}, got {self.execution_mode!r}")
+        for name in ("parallelism", "topic_partitions", "bundle_size", "checkpoint_interval_ms"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("bundle_time_ms", "buffer_timeout_ms", "max_future_skew_ms", "max_event_age_ms"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):
+            if not 0 < getattr(self, name) < 65536:
+                problems.append(f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
+        if self.interest_half_life_hours <= 0:
+            problems.append("interest_half_life_hours must be > 0")
+        if not self.bootstrap_servers.strip():
+            problems.append("bootstrap_servers must not be empty")
+        if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:
+            problems.append("transaction_timeout_ms must stay below the broker's transaction.max.timeout.ms (900000)")
+        if problems:
+            raise ConfigError("invalid Onramp configuration:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files of the local services."""
+        return self.state_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def replace(self, **changes: Any) -> "OnrampConfig":
+        return load_config(overrides=changes, base=self, environ={})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+
+
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    """Convert a string (env or CLI) to the type of the field's default."""
+    if raw is None or not isinstance(raw, str):
+        return raw
+    try:
+        if isinstance(target, bool):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(target, int):
+            return int(raw.replace("_", ""))
+        if isinstance(target, float):
+            return float(raw)
+        if isinstance(target, Path):
+            return Path(raw).expanduser()
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {type(target).__name__}") from exc
+    return raw
+
+
+def load_config(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base: OnrampConfig | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> OnrampConfig:
+    """Build the config: defaults (or ``base``), then ``ONRAMP_*`` env vars, then ``overrides``.
+
+    Overrides whose value is ``None`` are ignored so argparse namespaces can be passed straight in.
+    """
+    base = base or OnrampConfig()
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(OnrampConfig)}
+    values: dict[str, Any] = {}
+    for name in known - {"extra"}:
+        env_name = "ONRAMP_" + name.upper()
+        if env_name in environ:
+            values[name] = _coerce(env_name, environ[env_name], getattr(base, name))
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown setting {name!r}; known settings: {', '.join(sorted(known))}")
+        values[name] = _coerce(name, raw, getattr(base, name))
+    # Derived defaults follow their parents unless set explicitly.
+    if "kafka_port" in values and "bootstrap_servers" not in values and base.bootstrap_servers == "localhost:9092":
+        values["bootstrap_servers"] = f"localhost:{values['kafka_port']}"
+    if "flink_rest_port" in values and "flink_rest_url" not in values and base.flink_rest_url == "http://localhost:8081":
+        values["flink_rest_url"] = f"http://localhost:{values['flink_rest_port']}"
+    if "state_dir" in values and "model_dir" not in values and base.model_dir == base.state_dir / "models":
+        values["model_dir"] = Path(values["state_dir"]) / "models"
+    return dataclasses.replace(base, **values)

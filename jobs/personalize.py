@@ -1,0 +1,172 @@
+"""The personalize job: onboarding events (Kafka, Avro) -> keyed per-user profile -> next-step decisions (Kafka).
+
+Graph (two Python operators, the minimum for keyed state; the decode step and the key selector chain):
+
+    KafkaSource(bytes) -> DecodeValidate --(dead letters)--------------------------+-> KafkaSink(dead letters)
+                               |                                                   |
+                               +-> key_by(user_id) -> Personalize --(errors)-------+
+                                                          |
+                                                          +-> KafkaSink(decisions)
+
+Run it with ``onramp submit`` (which calls ``flink run -py jobs/personalize.py --config-json ...``), or import
+:func:`build_pipeline` to wire it to other sources and sinks (the mini-cluster tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyflink.common import Configuration, Types, WatermarkStrategy
+from pyflink.common.serialization import ByteArraySchema
+from pyflink.datastream import CheckpointingMode, DataStream, StreamExecutionEnvironment
+from pyflink.datastream.connectors.base import DeliveryGuarantee
+from pyflink.datastream.connectors.kafka import (
+    KafkaOffsetsInitializer,
+    KafkaRecordSerializationSchema,
+    KafkaSink,
+    KafkaSource,
+)
+
+# `flink run -py jobs/personalize.py` puts jobs/ first on sys.path; the project root must be importable too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.config import OnrampConfig, load_config  # noqa: E402
+from jobs.python_env import ensure_embedded_python_path  # noqa: E402
+from udfs.flink_functions import BYTES, DEAD_LETTERS, DecodeValidate, Personalize, user_key  # noqa: E402
+from udfs.validation import ValidationLimits  # noqa: E402
+
+log = logging.getLogger("onramp.personalize")
+
+JOB_NAME = "onramp-personalize"
+
+
+def python_settings(cfg: OnrampConfig) -> dict[str, str]:
+    """Flink settings for the Python operators; measured choices are explained in docs/performance.md.
+
+    The Python workers run the interpreter that builds the job (the project's .venv), which has Onramp and its
+    dependencies installed; on a remote cluster set ``flink.python.executable`` in ``extra`` instead."""
+    return {
+        "python.executable": sys.executable,
+        "python.client.executable": sys.executable,
+        "python.execution-mode": cfg.execution_mode,
+        "python.fn-execution.bundle.size": str(cfg.bundle_size),
+        "python.fn-execution.bundle.time": str(cfg.bundle_time_ms),
+        "python.operator-chaining.enabled": "true",
+    }
+
+
+def create_env(cfg: OnrampConfig, jars: list[Path] | None = None) -> StreamExecutionEnvironment:
+    ensure_embedded_python_path()  # before the gateway JVM starts: a local mini-cluster inherits it
+    conf = Configuration()
+    for key, value in python_settings(cfg).items():
+        conf.set_string(key, value)
+    for key, value in cfg.extra.items():  # pass-through: flink.<option> -> <option>
+        if key.startswith("flink."):
+            conf.set_string(key[len("flink."):], str(value))
+    if jars:
+        conf.set_string("pipeline.jars", ";".join(p.resolve().as_uri() for p in jars))
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    env.set_parallelism(cfg.parallelism)
+    env.set_buffer_timeout(cfg.buffer_timeout_ms)
+    mode = CheckpointingMode.EXACTLY_ONCE if cfg.delivery == "exactly-once" else CheckpointingMode.AT_LEAST_ONCE
+    env.enable_checkpointing(cfg.checkpoint_interval_ms, mode)
+    return env
+
+
+def build_pipeline(raw: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> tuple[DataStream, DataStream]:
+    """Wire the Onramp operators onto a stream of raw event bytes; returns (decisions, dead letters), both bytes."""
+    limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
+    decoded = raw.process(DecodeValidate(cfg.input_topic, limits)).uid("decode-validate").name("decode-validate")
+    decisions = (
+        decoded.key_by(user_key, key_type=Types.STRING())
+        .process(
+            Personalize(cfg.model_dir, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, bundle_path),
+            output_type=BYTES,
+        )
+        .uid("personalize")
+        .name("personalize")
+    )
+    dead_letters = decoded.get_side_output(DEAD_LETTERS).union(decisions.get_side_output(DEAD_LETTERS))
+    return decisions, dead_letters
+
+
+def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:
+    """Extra client settings (e.g. SASL/SSL) from ``cfg.extra`` keys prefixed ``kafka.``."""
+    return {k[len("kafka."):]: v for k, v in cfg.extra.items() if k.startswith("kafka.")}
+
+
+def kafka_source(cfg: OnrampConfig, *, bounded: bool = False) -> KafkaSource:
+    builder = (
+        KafkaSource.builder()
+        .set_bootstrap_servers(cfg.bootstrap_servers)
+        .set_topics(cfg.input_topic)
+        .set_group_id(cfg.group_id)
+        .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets())
+        .set_value_only_deserializer(ByteArraySchema())
+        .set_property("auto.offset.reset", "earliest")
+        .set_property("commit.offsets.on.checkpoint", "true")
+    )
+    if cfg.delivery == "exactly-once":
+        builder.set_property("isolation.level", "read_committed")
+    if bounded:
+        builder.set_bounded(KafkaOffsetsInitializer.latest())
+    for key, value in kafka_properties(cfg).items():
+        builder.set_property(key, value)
+    return builder.build()
+
+
+def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
+    builder = (
+        KafkaSink.builder()
+        .set_bootstrap_servers(cfg.bootstrap_servers)
+        .set_record_serializer(
+            KafkaRecordSerializationSchema.builder().set_topic(topic).set_value_serialization_schema(ByteArraySchema()).build()
+        )
+        .set_property("linger.ms", "0")
+    )
+    if cfg.delivery == "exactly-once":
+        builder.set_delivery_guarantee(DeliveryGuarantee.EXACTLY_ONCE)
+        builder.set_transactional_id_prefix(f"{cfg.group_id}-{name}")
+        builder.set_property("transaction.timeout.ms", str(cfg.transaction_timeout_ms))
+    else:
+        builder.set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
+    for key, value in kafka_properties(cfg).items():
+        builder.set_property(key, value)
+    return builder.build()
+
+
+def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounded: bool = False) -> StreamExecutionEnvironment:
+    env = create_env(cfg, jars)
+    raw = env.from_source(kafka_source(cfg, bounded=bounded), WatermarkStrategy.no_watermarks(), "onboarding-events")
+    raw = raw.uid("kafka-source")
+    decisions, dead_letters = build_pipeline(raw, cfg)
+    decisions.sink_to(kafka_sink(cfg, cfg.decisions_topic, "decisions")).uid("decisions-sink").name("decisions-sink")
+    dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
+    return env
+
+
+def config_from_json(text: str) -> OnrampConfig:
+    data: dict[str, Any] = json.loads(text)
+    return load_config(overrides=data, environ={})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Onramp personalize job (submit with `onramp submit`).")
+    parser.add_argument("--config-json", help="full Onramp config as JSON (written by `onramp submit`)")
+    parser.add_argument("--jar", action="append", default=[], help="connector jar to add (repeatable)")
+    parser.add_argument("--bounded", action="store_true", help="stop at the input topic's current end (benchmarks)")
+    args, _ = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_json(args.config_json) if args.config_json else load_config()
+    env = build_kafka_job(cfg, [Path(j) for j in args.jar], bounded=args.bounded)
+    log.info("submitting %s: %s -> %s (delivery %s)", JOB_NAME, cfg.input_topic, cfg.decisions_topic, cfg.delivery)
+    env.execute(JOB_NAME)
+
+
+if __name__ == "__main__":
+    main()

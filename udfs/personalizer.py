@@ -1,0 +1,99 @@
+"""One event in, one decision out: the pure per-event logic of the personalize job.
+
+The Flink operator owns the state handle; this module owns everything else (profile update, features, one
+model call, rules, the decision record), so it is testable and benchmarkable without a JVM.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from udfs.features import compute_features, interest_scores
+from udfs.next_step import RULES_VERSION, StepChoice, choose_step, default_flow
+from udfs.profile_state import Profile, apply_event
+
+DECISION_NAMESPACE = uuid.UUID("6f1d2a7e-5b8c-4c1e-9a57-0e7d4f3b2a10")
+NO_MODEL = "none"
+
+
+class Scorer(Protocol):
+    """What the personalizer needs of a model bundle (see :class:`udfs.model_bundle.ModelBundle`)."""
+
+    version: str
+
+    def score(self, features: list[float]) -> Any: ...
+
+
+def decision_id_for(event_id: str) -> str:
+    """Deterministic: a replayed event gets the same decision id, so consumers can drop repeats."""
+    return str(uuid.uuid5(DECISION_NAMESPACE, event_id))
+
+
+@dataclass
+class Personalizer:
+    scorer: Scorer | None
+    half_life_ms: float
+    rules_version: str = RULES_VERSION
+
+    def update(self, profile: Profile, event: dict[str, Any]) -> Profile:
+        return apply_event(profile, event, self.half_life_ms)
+
+    def decide(self, profile: Profile, event: dict[str, Any], decided_at_ms: int | None = None) -> dict[str, Any]:
+        """The decision record (a dict matching ``avro/next_step_decision.avsc``) for ``event``, given the profile
+        that already includes it."""
+        now = event["event_time"]
+        segment_id, segment_name, churn_risk = -1, "unknown", 0.0
+        interest: dict[str, float] = {}
+        personalized = bool(profile.consent_personalization) and self.scorer is not None
+        if personalized:
+            features = compute_features(profile, now, self.half_life_ms)
+            scores = self.scorer.score(features)
+            segment_id, segment_name, churn_risk = scores.segment_id, scores.segment_name, scores.churn_risk
+            interest = interest_scores(profile, now, self.half_life_ms)
+            top_topic = max(interest, key=interest.__getitem__) if interest else None
+            choice = choose_step(profile, segment_name, churn_risk, top_topic)
+        else:
+            choice = default_flow(profile)
+            choice.reasons.append(
+                "no_model: no model bundle loaded" if profile.consent_personalization else
+                "no_consent: user has not consented to personalization"
+            )
+        return self._record(event, choice, segment_id, segment_name, churn_risk, interest, personalized, decided_at_ms)
+
+    def erased(self, event: dict[str, Any], decided_at_ms: int | None = None) -> dict[str, Any]:
+        """The answer to ``erasure_requested``: the profile is gone, nothing is personalized."""
+        choice = StepChoice("none", "erased", {}, ["erasure_requested: profile deleted"])
+        return self._record(event, choice, -1, "unknown", 0.0, {}, False, decided_at_ms)
+
+    def _record(
+        self,
+        event: dict[str, Any],
+        choice: StepChoice,
+        segment_id: int,
+        segment_name: str,
+        churn_risk: float,
+        interest: dict[str, float],
+        personalized: bool,
+        decided_at_ms: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "decision_id": decision_id_for(event["event_id"]),
+            "user_id": event["user_id"],
+            "event_id": event["event_id"],
+            "step_id": choice.step_id,
+            "content_variant": choice.content_variant,
+            "template_vars": choice.template_vars,
+            "segment_id": segment_id,
+            "segment_name": segment_name,
+            "churn_risk": float(churn_risk),
+            "interest": interest,
+            "personalized": personalized,
+            "model_version": self.scorer.version if self.scorer is not None else NO_MODEL,
+            "rules_version": self.rules_version,
+            "reasons": choice.reasons,
+            "event_time": event["event_time"],
+            "decided_at": decided_at_ms if decided_at_ms is not None else time.time_ns() // 1_000_000,
+        }
