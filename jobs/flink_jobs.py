@@ -1,0 +1,144 @@
+"""Submit, find and cancel Onramp jobs on a Flink cluster (the `flink` CLI and the REST API).
+
+Works against the local standalone cluster that ``onramp up`` starts and against any reachable cluster
+(``--flink-rest-url``); the job script is shipped with ``flink run -py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from jobs.config import REPO_ROOT, OnrampConfig
+
+log = logging.getLogger(__name__)
+
+JOB_SCRIPT = REPO_ROOT / "jobs" / "personalize.py"
+_JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
+
+
+class FlinkJobError(RuntimeError):
+    """Submitting or controlling a job failed; the message says what to do."""
+
+
+def rest(cfg: OnrampConfig, path: str, method: str = "GET", body: dict | None = None, timeout: float = 10.0) -> Any:
+    url = cfg.flink_rest_url.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode()
+    except urllib.error.URLError as exc:
+        raise FlinkJobError(
+            f"Flink REST API at {cfg.flink_rest_url} is not reachable ({exc}); start the local cluster with "
+            "`onramp up` or pass --flink-rest-url"
+        ) from exc
+    return json.loads(text) if text else None
+
+
+def list_jobs(cfg: OnrampConfig) -> list[dict[str, Any]]:
+    return rest(cfg, "/jobs/overview").get("jobs", [])
+
+
+def running_jobs(cfg: OnrampConfig, name: str) -> list[dict[str, Any]]:
+    return [j for j in list_jobs(cfg) if j["name"] == name and j["state"] in ("RUNNING", "CREATED", "RESTARTING", "INITIALIZING")]
+
+
+def cancel(cfg: OnrampConfig, job_id: str, timeout_s: float = 60.0) -> None:
+    rest(cfg, f"/jobs/{job_id}", method="PATCH")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if rest(cfg, f"/jobs/{job_id}")["state"] in ("CANCELED", "FAILED", "FINISHED"):
+            return
+        time.sleep(0.5)
+    raise FlinkJobError(f"job {job_id} did not stop within {timeout_s:.0f}s")
+
+
+def cancel_all(cfg: OnrampConfig, name: str) -> list[str]:
+    ids = [j["jid"] for j in running_jobs(cfg, name)]
+    for job_id in ids:
+        log.info("cancelling previous %s job %s", name, job_id)
+        cancel(cfg, job_id)
+    return ids
+
+
+def wait_running(cfg: OnrampConfig, job_id: str, timeout_s: float = 120.0) -> None:
+    """Wait until every task of the job runs (sources are reading), or fail with the job's exception."""
+    deadline = time.monotonic() + timeout_s
+    state = "?"
+    while time.monotonic() < deadline:
+        job = rest(cfg, f"/jobs/{job_id}")
+        state = job["state"]
+        if state in ("FAILED", "CANCELED", "FINISHED"):
+            raise FlinkJobError(f"job {job_id} is {state}: {root_exception(cfg, job_id)}")
+        if state == "RUNNING" and all(v["status"] == "RUNNING" for v in job["vertices"]):
+            return
+        time.sleep(0.5)
+    raise FlinkJobError(f"job {job_id} not running after {timeout_s:.0f}s (state {state})")
+
+
+def wait_finished(cfg: OnrampConfig, job_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = rest(cfg, f"/jobs/{job_id}")["state"]
+        if state in ("FAILED", "CANCELED", "FINISHED"):
+            return state
+        time.sleep(0.25)
+    raise FlinkJobError(f"job {job_id} did not finish within {timeout_s:.0f}s")
+
+
+def root_exception(cfg: OnrampConfig, job_id: str) -> str:
+    try:
+        info = rest(cfg, f"/jobs/{job_id}/exceptions")
+    except FlinkJobError:
+        return "unknown (REST API unreachable)"
+    text = (info.get("rootException") or "") if isinstance(info, dict) else ""
+    if not text and isinstance(info, dict) and info.get("exceptionHistory", {}).get("entries"):
+        text = info["exceptionHistory"]["entries"][0].get("stacktrace", "")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("\tat ")]
+    return "\n".join(lines[:12]) or "no exception recorded"
+
+
+def submit(
+    cfg: OnrampConfig,
+    *,
+    flink_bin: Path,
+    env: dict[str, str],
+    jars: list[Path],
+    script: Path = JOB_SCRIPT,
+    job_args: list[str] | None = None,
+    timeout_s: float = 180.0,
+) -> str:
+    """``flink run -d -py <script>`` against ``cfg.flink_rest_url``; returns the job id."""
+    target = urlparse(cfg.flink_rest_url)
+    command = [
+        str(flink_bin), "run", "-d",
+        "-m", f"{target.hostname}:{target.port or 8081}",
+        "-pyexec", sys.executable, "-pyclientexec", sys.executable,
+        "-py", str(script),
+        "--config-json", json.dumps(cfg.as_dict()),
+        *[arg for jar in jars for arg in ("--jar", str(jar))],
+        *(job_args or []),
+    ]
+    log.info("submitting %s to %s", script.name, cfg.flink_rest_url)
+    run_env = {**os.environ, **env}
+    try:
+        done = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise FlinkJobError(f"`flink run` did not return within {timeout_s:.0f}s") from exc
+    output = done.stdout + done.stderr
+    match = _JOB_ID.search(output)
+    if done.returncode != 0 or not match:
+        tail = "\n".join(output.strip().splitlines()[-25:])
+        raise FlinkJobError(f"`flink run` failed (exit {done.returncode}):\n{tail}")
+    return match.group(1)

@@ -1,0 +1,56 @@
+"""Config precedence (defaults < env < overrides) and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import build_parser, config_from_args
+from jobs.config import ConfigError, OnrampConfig, load_config
+
+
+def test_defaults_are_valid():
+    cfg = OnrampConfig()
+    assert cfg.delivery == "at-least-once" and cfg.execution_mode == "thread"
+
+
+def test_env_then_overrides():
+    env = {"ONRAMP_PARALLELISM": "2", "ONRAMP_DELIVERY": "exactly-once", "ONRAMP_KAFKA_PORT": "19092"}
+    cfg = load_config({"parallelism": "3"}, environ=env)
+    assert cfg.parallelism == 3 and cfg.delivery == "exactly-once"
+    assert cfg.bootstrap_servers == "localhost:19092"  # follows the port unless set
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"delivery": "twice"}, "delivery must be one of"),
+        ({"parallelism": "0"}, "parallelism must be >= 1"),
+        ({"kafka_port": "70000"}, "kafka_port must be a TCP port"),
+        ({"parallelism": "many"}, "cannot read 'many'"),
+        ({"no_such_setting": "1"}, "unknown setting"),
+    ],
+)
+def test_bad_values_fail_clearly(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(overrides, environ={})
+
+
+def test_cli_flags_and_pass_through():
+    args = build_parser().parse_args(
+        ["status", "--parallelism", "2", "--set", "kafka.security.protocol=SSL", "--set", "bundle_size=50",
+         "--state-dir", "/tmp/x"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.parallelism == 2 and cfg.bundle_size == 50
+    assert cfg.extra["kafka.security.protocol"] == "SSL"
+    assert cfg.state_dir == Path("/tmp/x") and cfg.model_dir == Path("/tmp/x/models")
+
+
+def test_config_survives_the_json_trip_to_the_job():
+    from jobs.personalize import config_from_json
+    import json
+
+    cfg = load_config({"parallelism": "2", "state_dir": "/tmp/y"}, environ={})
+    assert config_from_json(json.dumps(cfg.as_dict())) == cfg
