@@ -1,0 +1,274 @@
+"""Fetch the JVM jars Onramp needs, once: the Kafka broker classpath and the Flink Kafka connector.
+
+``jvm/pom.xml`` pins every version; Maven resolves and copies the jars into ``<jars_dir>/kafka/`` and
+``<jars_dir>/flink/``. A stamp file records the sha256 of the pom and the jars it produced, so a second
+``provision()`` with an unchanged pom checks a few files and runs no Maven at all.
+
+    python -m jobs.provision            # provision (no-op when up to date)
+    python -m jobs.provision --force    # re-run Maven even when the stamp says up to date
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from jobs.config import REPO_ROOT, OnrampConfig, load_config
+
+log = logging.getLogger("jobs.provision")
+
+POM = REPO_ROOT / "jvm" / "pom.xml"
+STAMP_NAME = ".provisioned.json"
+KAFKA_SUBDIR = "kafka"
+FLINK_SUBDIR = "flink"
+# The jar PyFlink needs in pipeline.jars (fat jar: Table API factory, DataStream source/sink, shaded kafka-clients).
+FLINK_CONNECTOR_GLOB = "flink-sql-connector-kafka-*.jar"
+# Jars without which the broker cannot start; checked so a half-copied folder is never taken as provisioned.
+KAFKA_REQUIRED_GLOBS = ("kafka_2.13-*.jar", "kafka-clients-*.jar", "kafka-server-*.jar", "log4j-core-*.jar")
+MVN_TIMEOUT_S = 900
+PROVISION_HINT = "run `python -m jobs.provision` (or jobs.provision.provision(cfg)) first"
+
+
+class ProvisionError(RuntimeError):
+    """Provisioning failed or has not been done; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    jars_dir: Path
+    kafka_jars: list[Path]
+    flink_jars: list[Path]
+    pom_sha256: str
+    ran_maven: bool
+    seconds: float = 0.0
+    stamp: Path = field(default=Path())
+
+    @property
+    def kafka_classpath(self) -> str:
+        return str(self.jars_dir / KAFKA_SUBDIR / "*")
+
+
+def pom_sha256(pom: Path = POM) -> str:
+    return hashlib.sha256(pom.read_bytes()).hexdigest()
+
+
+def _jars(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jar")) if folder.is_dir() else []
+
+
+def _stamp_path(cfg: OnrampConfig) -> Path:
+    return Path(cfg.jars_dir) / STAMP_NAME
+
+
+def _read_stamp(cfg: OnrampConfig) -> dict | None:
+    try:
+        return json.loads(_stamp_path(cfg).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _up_to_date(cfg: OnrampConfig, sha: str) -> str | None:
+    """None when the jars on disk match the stamp and the pom; otherwise why not."""
+    stamp = _read_stamp(cfg)
+    if stamp is None:
+        return "no provisioning stamp"
+    if stamp.get("pom_sha256") != sha:
+        return "jvm/pom.xml changed since the last provisioning"
+    jars_dir = Path(cfg.jars_dir)
+    for sub in (KAFKA_SUBDIR, FLINK_SUBDIR):
+        present = [p.name for p in _jars(jars_dir / sub)]
+        if present != sorted(stamp.get("jars", {}).get(sub, [])):
+            return f"jars in {jars_dir / sub} differ from the stamp"
+    return None
+
+
+def _check_layout(jars_dir: Path) -> None:
+    missing = [g for g in KAFKA_REQUIRED_GLOBS if not list((jars_dir / KAFKA_SUBDIR).glob(g))]
+    if not list((jars_dir / FLINK_SUBDIR).glob(FLINK_CONNECTOR_GLOB)):
+        missing.append(f"{FLINK_SUBDIR}/{FLINK_CONNECTOR_GLOB}")
+    if missing:
+        raise ProvisionError(f"Maven finished but {jars_dir} lacks {', '.join(missing)}; check {POM}")
+
+
+@contextlib.contextmanager
+def _lock(jars_dir: Path) -> Iterator[None]:
+    """Serialise concurrent provision() calls (two shells, a test run and a CLI) on the same jars_dir."""
+    jars_dir.mkdir(parents=True, exist_ok=True)
+    with open(jars_dir / ".provision.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _find_java() -> str | None:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").is_file():
+        return str(Path(home) / "bin" / "java")
+    return shutil.which("java")
+
+
+_NETWORK_MARKERS = (
+    "Could not transfer artifact",
+    "Could not resolve dependencies",
+    "Could not resolve artifact",
+    "Could not resolve plugin",
+    "Plugin org.apache.maven",
+    "UnknownHostException",
+    "Connection refused",
+    "Connect to repo",
+    "Network is unreachable",
+    "connect timed out",
+    "Read timed out",
+    "resolution will not be reattempted",
+)
+
+
+def _run_maven(mvn: str, jars_dir: Path) -> None:
+    cmd = [
+        mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(POM),
+        f"-Donramp.jars.dir={jars_dir}", "package",
+    ]
+    log.info("running Maven to fetch jars into %s (first run downloads ~60 MB)", jars_dir)
+    log.debug("command: %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, cwd=POM.parent, capture_output=True, text=True, timeout=MVN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise ProvisionError(
+            f"Maven did not finish within {MVN_TIMEOUT_S}s; check network access to Maven Central "
+            "(or a mirror/proxy in ~/.m2/settings.xml) and retry"
+        ) from exc
+    if proc.returncode == 0:
+        return
+    output = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr).strip()  # Debian's mvn colours even with -B
+    tail = "\n".join(output.splitlines()[-25:])
+    if any(marker in output for marker in _NETWORK_MARKERS):
+        raise ProvisionError(
+            "Maven could not download the pinned jars (network failure or artifact missing). Check that "
+            "Maven Central is reachable (proxy/mirror settings in ~/.m2/settings.xml), then retry "
+            "`python -m jobs.provision`. Maven caches failed downloads; once the network is back, if it still "
+            "fails, force a retry by hand:\n"
+            f"  mvn -U -B -f {POM} -Donramp.jars.dir={jars_dir} package\nMaven said:\n{tail}"
+        )
+    raise ProvisionError(f"Maven failed (exit {proc.returncode}) running {' '.join(cmd)}:\n{tail}")
+
+
+def provision(cfg: OnrampConfig, *, force: bool = False) -> Provisioned:
+    """Make ``<jars_dir>/kafka`` and ``<jars_dir>/flink`` hold the jars pinned in jvm/pom.xml.
+
+    Idempotent: when the stamp matches the pom's sha256 and the jars on disk, returns at once without Maven.
+    """
+    started = time.monotonic()
+    jars_dir = Path(cfg.jars_dir).resolve()
+    if not POM.is_file():
+        raise ProvisionError(f"{POM} is missing; it pins the jars to fetch")
+    sha = pom_sha256()
+    with _lock(jars_dir):
+        reason = "forced" if force else _up_to_date(cfg, sha)
+        if reason is None:
+            log.info("jars already provisioned in %s (pom unchanged); nothing to do", jars_dir)
+            return _result(jars_dir, sha, ran_maven=False, started=started)
+        log.info("provisioning jars: %s", reason)
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise ProvisionError(
+                "Maven (mvn) not found on PATH; install Maven 3.8+ (Debian/Ubuntu: apt-get install maven) "
+                "and retry"
+            )
+        if _find_java() is None:
+            raise ProvisionError(
+                "java not found on PATH / JAVA_HOME; Maven needs a JDK: install a JDK 11/17 "
+                "(Debian/Ubuntu: apt-get install openjdk-17-jdk-headless) or set JAVA_HOME"
+            )
+        _stamp_path(cfg).unlink(missing_ok=True)
+        # Start from empty folders so a version bump in the pom leaves no stale jar on a classpath.
+        for sub in (KAFKA_SUBDIR, FLINK_SUBDIR):
+            shutil.rmtree(jars_dir / sub, ignore_errors=True)
+        _run_maven(mvn, jars_dir)
+        _check_layout(jars_dir)
+        stamp = {
+            "pom_sha256": sha,
+            "jars": {sub: [p.name for p in _jars(jars_dir / sub)] for sub in (KAFKA_SUBDIR, FLINK_SUBDIR)},
+            "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        tmp = _stamp_path(cfg).with_suffix(".tmp")
+        tmp.write_text(json.dumps(stamp, indent=2) + "\n")
+        tmp.replace(_stamp_path(cfg))
+        result = _result(jars_dir, sha, ran_maven=True, started=started)
+        log.info(
+            "provisioned %d broker jars and %d Flink jar(s) in %.1fs",
+            len(result.kafka_jars), len(result.flink_jars), result.seconds,
+        )
+        return result
+
+
+def _result(jars_dir: Path, sha: str, *, ran_maven: bool, started: float) -> Provisioned:
+    return Provisioned(
+        jars_dir=jars_dir,
+        kafka_jars=_jars(jars_dir / KAFKA_SUBDIR),
+        flink_jars=sorted((jars_dir / FLINK_SUBDIR).glob(FLINK_CONNECTOR_GLOB)),
+        pom_sha256=sha,
+        ran_maven=ran_maven,
+        seconds=time.monotonic() - started,
+        stamp=jars_dir / STAMP_NAME,
+    )
+
+
+def _require_provisioned(cfg: OnrampConfig) -> Path:
+    jars_dir = Path(cfg.jars_dir).resolve()
+    reason = _up_to_date(cfg, pom_sha256())
+    if reason is not None:
+        raise ProvisionError(f"jars in {jars_dir} are not provisioned ({reason}); {PROVISION_HINT}")
+    return jars_dir
+
+
+def flink_connector_jars(cfg: OnrampConfig) -> list[Path]:
+    """Absolute paths of the connector jar(s) for PyFlink's ``pipeline.jars`` (as ``file://`` URLs: ``p.as_uri()``)."""
+    jars = sorted((_require_provisioned(cfg) / FLINK_SUBDIR).glob(FLINK_CONNECTOR_GLOB))
+    if not jars:
+        raise ProvisionError(f"no {FLINK_CONNECTOR_GLOB} in {Path(cfg.jars_dir) / FLINK_SUBDIR}; {PROVISION_HINT}")
+    return jars
+
+
+def kafka_classpath(cfg: OnrampConfig) -> str:
+    """The ``-cp`` value for the local Kafka broker (a Java classpath wildcard over ``<jars_dir>/kafka``)."""
+    folder = _require_provisioned(cfg) / KAFKA_SUBDIR
+    missing = [g for g in KAFKA_REQUIRED_GLOBS if not list(folder.glob(g))]
+    if missing:
+        raise ProvisionError(f"{folder} lacks {', '.join(missing)}; {PROVISION_HINT}")
+    return str(folder / "*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.provision", description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="run Maven even when the stamp says up to date")
+    parser.add_argument("--jars-dir", type=Path, default=None, help="override ONRAMP_JARS_DIR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = provision(load_config({"jars_dir": args.jars_dir}), force=args.force)
+    except ProvisionError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("kafka classpath: %s", result.kafka_classpath)
+    for jar in result.flink_jars:
+        log.info("flink connector: %s", jar)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
