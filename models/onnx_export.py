@@ -1,0 +1,226 @@
+"""Export the trained models to ONE ONNX graph and check it against scikit-learn.
+
+Graph (one ``run()`` computes everything)::
+
+    features float32 [N, F] --Gather(segment columns)--> standardize -> squared distances to centroids
+                          |                                     --> ArgMin --> segment int64 [N]
+                          |                                     `-> Sqrt   --> distances float32 [N, k]
+                          `--> churn classifier (skl2onnx, raw score) -> Platt sigmoid --> churn float32 [N]
+
+The churn classifier (logistic regression pipeline or histogram gradient boosting) is converted with skl2onnx;
+the segmentation part (8 nodes) and the calibration head are built here (see :func:`_segment_branch` and
+:func:`_churn_branch` for why). Nodes nobody's output needs are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from udfs.features import FEATURE_NAMES
+
+TARGET_OPSET: dict[str, int] = {"": 17, "ai.onnx.ml": 3}
+PARITY_TOLERANCE = 1e-5
+INPUT = "features"
+OUTPUTS = ("segment", "distances", "churn")
+
+
+def _final_estimator(model: Any) -> Any:
+    return model.steps[-1][1] if hasattr(model, "steps") else model
+
+
+def _convert(model: Any, input_name: str, n_features: int, options: dict | None = None) -> onnx.ModelProto:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    return convert_sklearn(
+        model,
+        initial_types=[(input_name, FloatTensorType([None, n_features]))],
+        target_opset=TARGET_OPSET,
+        options=options,
+    )
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+
+
+def _churn_branch(model: Any, n_features: int) -> tuple[onnx.ModelProto, list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The churn part: skl2onnx graph reading ``features`` plus the nodes that turn its output into ``churn``.
+
+    A sigmoid-calibrated classifier with a single calibrator (``CalibratedClassifierCV(ensemble=False)``) is
+    converted as base estimator (raw decision function, via skl2onnx) followed by the Platt scaling done here:
+    ``churn = sigmoid(-(a * decision + b))`` -- 3 nodes instead of the ~9 of skl2onnx's generic calibration
+    graph. Anything else is converted as a whole and its positive-class probability taken.
+    """
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import Pipeline
+
+    final = _final_estimator(model)
+    pre = list(model.steps[:-1]) if hasattr(model, "steps") else []
+    single_sigmoid = (
+        isinstance(final, CalibratedClassifierCV)
+        and final.method == "sigmoid"
+        and len(final.calibrated_classifiers_) == 1
+        and len(final.classes_) == 2
+    )
+    if single_sigmoid:
+        calibrated = final.calibrated_classifiers_[0]
+        base = calibrated.estimator
+        calibrator = calibrated.calibrators[0]
+        raw_model = Pipeline(pre + [("base", base)]) if pre else base
+        churn = _convert(raw_model, "x", n_features, {id(base): {"zipmap": False, "raw_scores": True}})
+    else:
+        churn = _convert(model, "x", n_features, {id(final): {"zipmap": False}})
+    churn = onnx.compose.add_prefix(churn, "churn_")
+    _rename(churn.graph, churn.graph.input[0].name, INPUT)
+    scores = next(o.name for o in churn.graph.output if "prob" in o.name)  # [N, 2]; column 1: positive class
+    init = [numpy_helper.from_array(np.asarray(1, dtype=np.int64), "glue_positive_class")]
+    if not single_sigmoid:
+        return churn, [helper.make_node("Gather", [scores, "glue_positive_class"], ["churn"], axis=1, name="glue_churn")], init
+    init += [
+        numpy_helper.from_array(np.asarray(-calibrator.a_, dtype=np.float32), "glue_platt_neg_a"),
+        numpy_helper.from_array(np.asarray(-calibrator.b_, dtype=np.float32), "glue_platt_neg_b"),
+    ]
+    nodes = [
+        helper.make_node("Gather", [scores, "glue_positive_class"], ["glue_decision"], axis=1, name="glue_decision"),
+        helper.make_node("Mul", ["glue_decision", "glue_platt_neg_a"], ["glue_platt_scaled"], name="glue_platt_mul"),
+        helper.make_node("Add", ["glue_platt_scaled", "glue_platt_neg_b"], ["glue_platt_logit"], name="glue_platt_add"),
+        helper.make_node("Sigmoid", ["glue_platt_logit"], ["churn"], name="glue_churn"),
+    ]
+    return churn, nodes, init
+
+
+def _segment_branch(pipeline: Any, segment_index: list[int]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ``segment`` and ``distances`` from ``features`` for Pipeline(StandardScaler, KMeans).
+
+    Built by hand rather than with skl2onnx's KMeans converter: that one expands ``|z|^2 - 2 z.c + |c|^2`` in
+    float32, which cancels to a small negative number -- and ``Sqrt`` to NaN -- for a point sitting on a
+    centroid (seen with small training sets). Here the differences are squared directly: never negative, and
+    closer to scikit-learn's float64 result. 8 nodes.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import StandardScaler
+
+    steps = [step for _name, step in pipeline.steps] if hasattr(pipeline, "steps") else []
+    if len(steps) != 2 or not isinstance(steps[0], StandardScaler) or not isinstance(steps[1], KMeans):
+        raise TypeError(f"expected Pipeline(StandardScaler, KMeans), got {pipeline!r}")
+    scaler, kmeans = steps
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)
+    scale = scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)
+    init = [
+        numpy_helper.from_array(np.asarray(segment_index, dtype=np.int64), "seg_columns"),
+        numpy_helper.from_array(mean.astype(np.float32), "seg_mean"),
+        numpy_helper.from_array(scale.astype(np.float32), "seg_scale"),
+        numpy_helper.from_array(np.asarray([1], dtype=np.int64), "seg_axis1"),
+        numpy_helper.from_array(kmeans.cluster_centers_.astype(np.float32)[None, :, :], "seg_centers"),  # [1, k, Fs]
+    ]
+    nodes = [
+        helper.make_node("Gather", [INPUT, "seg_columns"], ["seg_x"], axis=1, name="seg_select_features"),
+        helper.make_node("Sub", ["seg_x", "seg_mean"], ["seg_centered"], name="seg_center"),
+        helper.make_node("Div", ["seg_centered", "seg_scale"], ["seg_z"], name="seg_scale"),
+        helper.make_node("Unsqueeze", ["seg_z", "seg_axis1"], ["seg_z3"], name="seg_unsqueeze"),  # [N, 1, Fs]
+        helper.make_node("Sub", ["seg_z3", "seg_centers"], ["seg_diff"], name="seg_diff"),  # [N, k, Fs]
+        helper.make_node("ReduceSumSquare", ["seg_diff"], ["seg_sq"], axes=[2], keepdims=0, name="seg_sq"),  # [N, k]
+        helper.make_node("ArgMin", ["seg_sq"], ["segment"], axis=1, keepdims=0, name="seg_argmin"),
+        helper.make_node("Sqrt", ["seg_sq"], ["distances"], name="seg_sqrt"),
+    ]
+    return nodes, init
+
+
+def build_graph(segment_pipeline: Any, segment_index: list[int], churn_model: Any, k: int) -> onnx.ModelProto:
+    """The combined model: input ``features`` [N, F]; outputs ``segment``, ``distances``, ``churn``.
+
+    Few nodes on purpose: the stream runs this graph once per event with a single row, where the cost is
+    per node (~0.3-0.5 us each), not per multiply-add.
+    """
+    n_features = len(FEATURE_NAMES)
+    seg_nodes, seg_init = _segment_branch(segment_pipeline, segment_index)
+    churn, churn_nodes, churn_init = _churn_branch(churn_model, n_features)
+    graph = helper.make_graph(
+        seg_nodes + list(churn.graph.node) + churn_nodes,
+        "onramp_segments_and_churn",
+        inputs=[helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", n_features])],
+        outputs=[
+            helper.make_tensor_value_info("segment", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("distances", TensorProto.FLOAT, ["N", k]),
+            helper.make_tensor_value_info("churn", TensorProto.FLOAT, ["N"]),
+        ],
+        initializer=seg_init + churn_init + list(churn.graph.initializer),
+    )
+    # Drop what no output needs (e.g. the classifiers' label branches).
+    needed = {"segment", "distances", "churn"}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    used_init = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used_init)
+    opsets: dict[str, int] = {"": TARGET_OPSET[""]}
+    for imp in churn.opset_import:
+        opsets[imp.domain] = max(opsets.get(imp.domain, 0), imp.version)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+        producer_name="onramp",
+        doc_string="Onramp onboarding segments (KMeans) and churn risk; input: features in manifest order.",
+    )
+    model.ir_version = churn.ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> dict[str, int]:
+    return {(imp.domain or "ai.onnx"): int(imp.version) for imp in model.opset_import}
+
+
+def export_onnx(trained: Any) -> tuple[bytes, dict[str, int]]:
+    """Serialized combined model and its opset imports, from :class:`models.training.TrainedModels`."""
+    model = build_graph(trained.segment.pipeline, trained.segment.feature_index, trained.churn.model, trained.segment.metrics["k"])
+    return model.SerializeToString(), opset_of(model)
+
+
+def sklearn_outputs(trained: Any, X: np.ndarray) -> dict[str, np.ndarray]:
+    """What scikit-learn computes for the float32 rows ``X`` (evaluated in float64, as it trains)."""
+    X64 = np.asarray(X, dtype=np.float32).astype(np.float64)
+    Xs = X64[:, trained.segment.feature_index]
+    return {
+        "segment": trained.segment.pipeline.predict(Xs).astype(np.int64),
+        "distances": trained.segment.pipeline.transform(Xs),
+        "churn": trained.churn.model.predict_proba(X64)[:, 1],
+    }
+
+
+def onnx_outputs(onnx_bytes: bytes, X: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    values = session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(X, dtype=np.float32)})
+    return dict(zip(OUTPUTS, values))
+
+
+def check_parity(onnx_bytes: bytes, trained: Any, X: np.ndarray | None = None, tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """Compare ONNX (float32) with scikit-learn on ``X`` (default: churn holdout + segmentation rows)."""
+    X = trained.parity_X if X is None else X
+    ref = sklearn_outputs(trained, X)
+    got = onnx_outputs(onnx_bytes, X)
+    d_dist = float(np.max(np.abs(got["distances"].astype(np.float64) - ref["distances"]))) if len(X) else 0.0
+    d_churn = float(np.max(np.abs(got["churn"].astype(np.float64) - ref["churn"]))) if len(X) else 0.0
+    mismatched = int(np.sum(got["segment"] != ref["segment"]))
+    return {
+        "rows": int(len(X)),
+        "tolerance": tolerance,
+        "max_abs_diff_distances": d_dist,
+        "max_abs_diff_churn": d_churn,
+        "segment_mismatches": mismatched,
+        "ok": bool(d_dist <= tolerance and d_churn <= tolerance and mismatched == 0),
+    }
