@@ -123,12 +123,7 @@ def cmd_status(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 def cmd_train(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from models.training import train_and_publish
 
-    events = None
-    if args.events:
-        from models.history import read_event_files
-
-        events = read_event_files([Path(p) for p in args.events])
-    manifest = train_and_publish(cfg, n_users=args.users, seed=args.seed, events=events, force=args.force)
+    manifest = train_and_publish(cfg, n_users=args.users, seed=args.seed, force=args.force)
     print(json.dumps({k: manifest[k] for k in ("version", "metrics") if k in manifest}, indent=2, default=str))
     return 0
 
@@ -232,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train K-means personas + churn model and publish an ONNX bundle")
     p.add_argument("--users", type=int, default=2000, help="generated users to train on (default 2000)")
     p.add_argument("--seed", type=int, default=7, help="generator seed")
-    p.add_argument("--events", nargs="*", help="train on Avro event files instead of generated history")
     p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
     p = add("submit", cmd_submit, "submit the personalize job to the Flink cluster (replaces a running one)")
     p.add_argument("--keep-running", action="store_true", help="do not cancel an already running Onramp job")

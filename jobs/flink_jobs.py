@@ -79,7 +79,7 @@ def wait_running(cfg: OnrampConfig, job_id: str, timeout_s: float = 120.0) -> No
     while time.monotonic() < deadline:
         job = rest(cfg, f"/jobs/{job_id}")
         state = job["state"]
-        if state in ("FAILED", "CANCELED", "FINISHED"):
+        if state in ("FAILED", "CANCELED", "FINISHED", "RESTARTING"):
             raise FlinkJobError(f"job {job_id} is {state}: {root_exception(cfg, job_id)}")
         if state == "RUNNING" and all(v["status"] == "RUNNING" for v in job["vertices"]):
             return
@@ -126,6 +126,8 @@ def submit(
         "-m", f"{target.hostname}:{target.port or 8081}",
         "-pyexec", sys.executable, "-pyclientexec", sys.executable,
         "-py", str(script),
+        # Ship the project's code and schemas: TaskManagers import them from the job's own files.
+        "-pyfs", ",".join(str(REPO_ROOT / d) for d in ("jobs", "udfs", "models", "avro")),
         "--config-json", json.dumps(cfg.as_dict()),
         *[arg for jar in jars for arg in ("--jar", str(jar))],
         *(job_args or []),

@@ -26,6 +26,7 @@ from pyflink.common.serialization import ByteArraySchema
 from pyflink.datastream import CheckpointingMode, DataStream, StreamExecutionEnvironment
 from pyflink.datastream.connectors.base import DeliveryGuarantee
 from pyflink.datastream.connectors.kafka import (
+    KafkaOffsetResetStrategy,
     KafkaOffsetsInitializer,
     KafkaRecordSerializationSchema,
     KafkaSink,
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import BYTES, DEAD_LETTERS, DecodeValidate, Personalize, user_key  # noqa: E402
+from udfs.flink_functions import BYTES, DEAD_LETTERS, DecodeValidate, Personalize, read_bundle_files, user_key  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
@@ -68,9 +69,9 @@ def create_env(cfg: OnrampConfig, jars: list[Path] | None = None) -> StreamExecu
     for key, value in cfg.extra.items():  # pass-through: flink.<option> -> <option>
         if key.startswith("flink."):
             conf.set_string(key[len("flink."):], str(value))
-    if jars:
-        conf.set_string("pipeline.jars", ";".join(p.resolve().as_uri() for p in jars))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
+    if jars:
+        env.add_jars(*(p.resolve().as_uri() for p in jars))
     env.set_parallelism(cfg.parallelism)
     env.set_buffer_timeout(cfg.buffer_timeout_ms)
     mode = CheckpointingMode.EXACTLY_ONCE if cfg.delivery == "exactly-once" else CheckpointingMode.AT_LEAST_ONCE
@@ -78,14 +79,24 @@ def create_env(cfg: OnrampConfig, jars: list[Path] | None = None) -> StreamExecu
     return env
 
 
+def resolve_bundle(cfg: OnrampConfig, bundle_path: Path | None = None) -> Path:
+    """The bundle the job ships with: an explicit one, else the registry's current one (verified here, at the
+    client, so a missing or broken bundle fails the submission rather than a TaskManager)."""
+    from udfs.model_bundle import ModelBundle, load_current
+
+    bundle = ModelBundle.load(bundle_path) if bundle_path else load_current(cfg.model_dir)
+    return bundle.path
+
+
 def build_pipeline(raw: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> tuple[DataStream, DataStream]:
     """Wire the Onramp operators onto a stream of raw event bytes; returns (decisions, dead letters), both bytes."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
+    bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
     decoded = raw.process(DecodeValidate(cfg.input_topic, limits)).uid("decode-validate").name("decode-validate")
     decisions = (
         decoded.key_by(user_key, key_type=Types.STRING())
         .process(
-            Personalize(cfg.model_dir, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, bundle_path),
+            Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic),
             output_type=BYTES,
         )
         .uid("personalize")
@@ -106,9 +117,10 @@ def kafka_source(cfg: OnrampConfig, *, bounded: bool = False) -> KafkaSource:
         .set_bootstrap_servers(cfg.bootstrap_servers)
         .set_topics(cfg.input_topic)
         .set_group_id(cfg.group_id)
-        .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets())
+        # Resume from the group's committed offsets (a restart without a savepoint loses nothing); a new group
+        # starts at the beginning of the topic.
+        .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST))
         .set_value_only_deserializer(ByteArraySchema())
-        .set_property("auto.offset.reset", "earliest")
         .set_property("commit.offsets.on.checkpoint", "true")
     )
     if cfg.delivery == "exactly-once":

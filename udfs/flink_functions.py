@@ -7,11 +7,17 @@ pickles small when the job graph is shipped to the TaskManagers.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+# Imported here, at unpickling time of every Onramp operator, before any record flows: loading onnxruntime's
+# native module inside one embedded (thread-mode) operator's open() while another operator's thread is running
+# Python deadlocked in dlopen (seen with PyFlink 2.2.1 / pemja 0.5 / onnxruntime 1.32).
+import numpy  # noqa: F401
+import onnxruntime  # noqa: F401
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
@@ -81,27 +87,35 @@ def user_key(event: dict[str, Any]) -> str:
     return event["user_id"]
 
 
+def read_bundle_files(bundle_dir: Path) -> dict[str, bytes]:
+    """The files of a model bundle, to ship inside the job graph: TaskManagers then need no shared file system
+    and every restart of this job version uses exactly the bundle it was submitted with."""
+    return {p.name: p.read_bytes() for p in sorted(Path(bundle_dir).iterdir()) if p.is_file()}
+
+
+def materialize_bundle(files: dict[str, bytes]) -> Path:
+    """Write shipped bundle files to a private temp dir (loading verifies their sha256 against the manifest)."""
+    target = Path(tempfile.mkdtemp(prefix="onramp-bundle-"))
+    for name, data in files.items():
+        (target / name).write_bytes(data)
+    return target
+
+
 class Personalize(KeyedProcessFunction):
     """Keyed by user: fold the event into the profile state, score it, emit the encoded decision."""
 
-    def __init__(self, model_dir: Path | None, half_life_ms: float, input_topic: str, bundle_path: Path | None = None):
-        self.model_dir = model_dir
-        self.bundle_path = bundle_path
+    def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str):
+        self.bundle_files = bundle_files
         self.half_life_ms = half_life_ms
         self.source = DeadLetterSource(input_topic)
         self.personalizer = None
         self.profile_state = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        from udfs.model_bundle import ModelBundle, load_current  # onnxruntime only where it is used
+        from udfs.model_bundle import ModelBundle  # onnxruntime only where it is used
         from udfs.personalizer import Personalizer
 
-        if self.bundle_path is not None:
-            bundle = ModelBundle.load(self.bundle_path)
-        elif self.model_dir is not None:
-            bundle = load_current(self.model_dir)
-        else:
-            bundle = None
+        bundle = ModelBundle.load(materialize_bundle(self.bundle_files)) if self.bundle_files else None
         log.info("personalize: model bundle %s", bundle.version if bundle else "none")
         self.personalizer = Personalizer(bundle, self.half_life_ms)
         self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))

@@ -1,0 +1,61 @@
+"""End to end on the real services: Kafka broker (KRaft) + standalone Flink cluster started by the test session.
+
+N valid events and M malformed ones (truncated bytes, unknown fingerprint, missing user id, timestamp far in the
+future) go into the input topic; exactly N decisions (read_committed) and M dead letters, each with its reason,
+come out. Runs the job in exactly-once mode, the stricter of the two delivery modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+
+from jobs import flink_jobs
+from jobs.cli import submit_job
+from jobs.event_stream import MALFORMED_KINDS, encode_events, generated_events, malformed_event
+from jobs.kafka_io import make_producer, produce, read_records
+from jobs.personalize import JOB_NAME
+from udfs.avro_codec import dead_letter_codec, decision_codec
+
+pytestmark = pytest.mark.e2e
+
+
+def test_events_in_decisions_and_dead_letters_out(live_services):
+    cfg = dataclasses.replace(
+        live_services,
+        delivery="exactly-once",
+        checkpoint_interval_ms=1000,
+        input_topic="e2e-events",
+        decisions_topic="e2e-decisions",
+        dead_letter_topic="e2e-dead-letters",
+        group_id="e2e",
+    )
+    job_id = submit_job(cfg)
+    try:
+        events = generated_events(30, seed=5)
+        malformed = [malformed_event(kind) for kind in MALFORMED_KINDS]
+        producer = make_producer(cfg)
+        produce(producer, cfg.input_topic, encode_events(events[: len(events) // 2]))
+        produce(producer, cfg.input_topic, [(None, m) for m in malformed])
+        produce(producer, cfg.input_topic, encode_events(events[len(events) // 2 :]))
+        producer.close()
+
+        codec = decision_codec()
+        decisions = [codec.decode(r.value) for r in read_records(cfg, cfg.decisions_topic, max_records=len(events), timeout_s=90)]
+        dead_codec = dead_letter_codec()
+        dead = [dead_codec.decode(r.value) for r in read_records(cfg, cfg.dead_letter_topic, max_records=len(malformed), timeout_s=30)]
+        # Nothing beyond the expected counts arrives either (no duplicates).
+        extra = list(read_records(cfg, cfg.decisions_topic, start_offsets={0: len(events)}, timeout_s=4, idle_timeout_s=3))
+    finally:
+        flink_jobs.cancel(cfg, job_id)
+
+    assert len(decisions) == len(events)
+    assert not extra
+    assert Counter(d["event_id"] for d in decisions) == Counter(e["event_id"] for e in events)
+    assert sorted(d["error_code"] for d in dead) == sorted(MALFORMED_KINDS)
+    assert all(d["error_message"] and d["original"] and d["topic"] == cfg.input_topic for d in dead)
+    assert any(d["personalized"] for d in decisions)
+    assert all(d["rules_version"] and d["model_version"] != "none" for d in decisions)
+    assert not flink_jobs.running_jobs(cfg, JOB_NAME)
