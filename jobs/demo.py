@@ -85,7 +85,7 @@ def run_demo(cfg: OnrampConfig, *, users: int, rate: float, malformed: int) -> i
         latest[d["user_id"]] = d
     sample = list(latest.values())[:8]
     print(_table(
-        [[d["user_id"][:14], d["step_id"], d["content_variant"], d["segment_name"], f"{d['churn_risk']:.2f}",
+        [[d["user_id"], d["step_id"], d["content_variant"], d["segment_name"], f"{d['churn_risk']:.2f}",
           "; ".join(d["reasons"])[:60]] for d in sample],
         ["user", "next step", "variant", "segment", "churn", "why"],
     ))
