@@ -7,6 +7,7 @@
     onramp consume            print decisions (or --dead-letters) as JSON lines
     onramp demo               all of the above in one go, with a readable summary
     onramp status / down      what runs / stop what `up` started
+    onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (JSON)
 
 Every command reads one typed config (jobs/config.py): defaults, then ONRAMP_* environment variables, then the
 flags below (`--set key=value` for any setting, `--set kafka.security.protocol=SSL` / `--set flink.<option>=...`
@@ -199,6 +200,24 @@ def cmd_demo(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     return run_demo(cfg, users=args.users, rate=args.rate, malformed=args.malformed)
 
 
+def cmd_bench(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jobs.bench import FULL, QUICK, run_bench, summary_table
+
+    sizes = QUICK if args.quick else FULL
+    changes = {k: v for k, v in (("rate", args.rate), ("duration_s", args.duration), ("backlog", args.backlog),
+                                 ("stage_events", args.stage_events)) if v is not None}
+    sizes = dataclasses.replace(sizes, **changes)
+    result = run_bench(cfg, sizes, stages_only=args.stages_only)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        print(summary_table(result), file=sys.stderr)
+    else:
+        print(summary_table(result))
+    return 0 if result.get("counts_ok", True) else 1
+
+
 # --- parser ---------------------------------------------------------------------------------------------------
 
 
@@ -245,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=200, help="generated users (default 200)")
     p.add_argument("--rate", type=float, default=1000.0, help="events per second (default 1000)")
     p.add_argument("--malformed", type=int, default=4, help="malformed records to show the dead-letter path")
+    p = add("bench", cmd_bench, "measure throughput and latency on the real services against a bare baseline")
+    p.add_argument("--quick", action="store_true", help="small sizes (~2 minutes) instead of the full run (~8 minutes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
+    p.add_argument("--stages-only", action="store_true", help="only the in-process per-stage microbenchmark")
+    p.add_argument("--rate", type=float, help="events/s for the latency runs (default 1000)")
+    p.add_argument("--duration", type=float, help="seconds per latency run")
+    p.add_argument("--backlog", type=int, help="events pre-loaded for the throughput runs")
+    p.add_argument("--stage-events", type=int, help="events for the per-stage microbenchmark")
     return parser
 
 

@@ -1,0 +1,276 @@
+"""`onramp bench`: throughput and end-to-end latency on the real Kafka broker and Flink cluster, against a bare
+keyed PyFlink job measured in the same run, plus the per-stage cost of Onramp's per-event work.
+
+Each measurement gets fresh topics. Output topics use ``message.timestamp.type=LogAppendTime``, so a record's
+timestamp is the moment it is in the topic; latency = that timestamp minus the time the event was sent
+(kept per event id by the producer). Throughput = records / (last - first output timestamp) over a pre-loaded
+backlog, which leaves job start-up out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.config import REPO_ROOT, OnrampConfig
+
+log = logging.getLogger("onramp.bench")
+
+BARE_SCRIPT = REPO_ROOT / "jobs" / "bare_baseline.py"
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    rate: float = 1000.0  # events/s for the latency runs
+    duration_s: float = 30.0  # per latency run
+    backlog: int = 200_000  # events pre-loaded for the throughput runs
+    stage_events: int = 20_000  # events for the per-stage microbenchmark
+    exactly_once_duration_s: float = 15.0
+
+
+FULL = BenchSizes()
+QUICK = BenchSizes(duration_s=10.0, backlog=30_000, stage_events=5_000, exactly_once_duration_s=12.0)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan")}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99), "max": round(ordered[-1], 2)}
+
+
+class EventPool:
+    """Encoded generated events (valid event times), with their ids, drawn in order without reuse."""
+
+    def __init__(self, n_events: int, seed: int) -> None:
+        from jobs.event_stream import generated_events
+        from udfs.avro_codec import event_codec
+
+        users = max(10, n_events // 25)
+        events: list[dict[str, Any]] = []
+        while len(events) < n_events:
+            events.extend(generated_events(users, seed=seed + len(events)))
+        codec = event_codec()
+        self.records = [(e["user_id"].encode(), codec.encode(e), e["event_id"]) for e in events[:n_events]]
+        self.events = events[:n_events]
+        self._next = 0
+
+    def take(self, n: int) -> list[tuple[bytes, bytes, str]]:
+        if self._next + n > len(self.records):
+            raise ValueError(f"event pool exhausted ({len(self.records)} events)")
+        chunk = self.records[self._next:self._next + n]
+        self._next += n
+        return chunk
+
+
+def _event_id_of(variant: str) -> Callable[[bytes], str]:
+    if variant == "bare":
+        return lambda value: value.split(b",", 1)[0].decode()
+    from udfs.avro_codec import decision_codec
+
+    codec = decision_codec()
+    return lambda value: codec.decode(value)["event_id"]
+
+
+class Bench:
+    def __init__(self, cfg: OnrampConfig, sizes: BenchSizes) -> None:
+        self.cfg = cfg
+        self.sizes = sizes
+        self.run_id = uuid.uuid4().hex[:8]
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    def _topics(self, name: str) -> OnrampConfig:
+        from jobs.kafka_admin import ensure_topics
+
+        cfg = dataclasses.replace(
+            self.cfg,
+            input_topic=f"bench-{self.run_id}-{name}-in",
+            decisions_topic=f"bench-{self.run_id}-{name}-out",
+            dead_letter_topic=f"bench-{self.run_id}-{name}-dlq",
+            group_id=f"bench-{self.run_id}-{name}",
+        )
+        ensure_topics(cfg, [cfg.input_topic, cfg.dead_letter_topic])
+        ensure_topics(cfg, [cfg.decisions_topic], configs={"message.timestamp.type": "LogAppendTime"})
+        return cfg
+
+    def _submit(self, cfg: OnrampConfig, variant: str, bounded: bool) -> str:
+        from jobs import flink_jobs, services
+        from jobs.provision import flink_connector_jars
+
+        job_id = flink_jobs.submit(
+            cfg,
+            flink_bin=services.flink_bin(cfg),
+            env=services.flink_env(cfg),
+            jars=flink_connector_jars(cfg),
+            script=BARE_SCRIPT if variant == "bare" else flink_jobs.JOB_SCRIPT,
+            job_args=["--bounded"] if bounded else [],
+        )
+        if not bounded:
+            flink_jobs.wait_running(cfg, job_id)
+        return job_id
+
+    def _collect(self, cfg: OnrampConfig, variant: str, expected: int, timeout_s: float) -> list[tuple[str, int]]:
+        from jobs.kafka_io import read_records
+
+        event_id = _event_id_of(variant)
+        return [(event_id(r.value), r.timestamp) for r in
+                read_records(cfg, cfg.decisions_topic, max_records=expected, timeout_s=timeout_s)]
+
+    # -- measurements -----------------------------------------------------------------------------------------
+
+    def throughput(self, variant: str, pool: EventPool) -> dict[str, Any]:
+        from jobs import flink_jobs
+        from jobs.kafka_io import make_producer, produce
+
+        cfg = self._topics(f"{variant}-tp")
+        records = pool.take(self.sizes.backlog)
+        producer = make_producer(self.cfg, linger_ms=20)
+        produce(producer, cfg.input_topic, ((k, v) for k, v, _ in records))
+        producer.close()
+        log.info("%s throughput: %d events pre-loaded; running the job over them", variant, len(records))
+        started = time.monotonic()
+        job_id = self._submit(cfg, variant, bounded=True)
+        out = self._collect(cfg, variant, len(records), timeout_s=120 + len(records) / 1000)
+        wall = time.monotonic() - started
+        state = flink_jobs.wait_finished(cfg, job_id, timeout_s=60)
+        stamps = sorted(ts for _, ts in out)
+        span_s = (stamps[-1] - stamps[0]) / 1000 if len(stamps) > 1 else float("nan")
+        unique = len({eid for eid, _ in out})
+        return {
+            "events": len(records),
+            "decisions": len(out),
+            "unique_decisions": unique,
+            "throughput_eps": round(len(out) / span_s, 1) if span_s and span_s > 0 else None,
+            "seconds_incl_startup": round(wall, 1),
+            "job_state": state,
+        }
+
+    def latency(self, variant: str, pool: EventPool, delivery: str = "at-least-once",
+                duration_s: float | None = None) -> dict[str, Any]:
+        from jobs import flink_jobs
+        from jobs.kafka_io import make_producer, produce
+
+        duration_s = duration_s or self.sizes.duration_s
+        cfg = dataclasses.replace(self._topics(f"{variant}-lat-{delivery}"), delivery=delivery)
+        n = int(self.sizes.rate * duration_s)
+        records = pool.take(n)
+        id_of = {v: eid for _, v, eid in records}
+        sent: dict[str, int] = {}
+
+        def stamp(value: bytes, now_ms: int) -> bytes:
+            sent[id_of[value]] = now_ms
+            return value
+
+        job_id = self._submit(cfg, variant, bounded=False)
+        try:
+            time.sleep(1.0)  # let the Python workers settle before the clock starts
+            log.info("%s latency (%s): %d events at %.0f/s", variant, delivery, n, self.sizes.rate)
+            producer = make_producer(self.cfg, linger_ms=0)
+            produce(producer, cfg.input_topic, ((k, v) for k, v, _ in records), rate=self.sizes.rate, stamp=stamp)
+            producer.close()
+            out = self._collect(cfg, variant, n, timeout_s=60 + cfg.checkpoint_interval_ms / 1000)
+        finally:
+            flink_jobs.cancel(cfg, job_id)
+        latencies = [ts - sent[eid] for eid, ts in out if eid in sent]
+        return {
+            "events": n,
+            "decisions": len(out),
+            "unique_decisions": len({eid for eid, _ in out}),
+            "rate_eps": self.sizes.rate,
+            "latency_ms": percentiles(latencies),
+        }
+
+
+def machine_facts(cfg: OnrampConfig) -> dict[str, Any]:
+    import onnxruntime
+    import pyflink.version
+
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "apache_flink": pyflink.version.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "parallelism": cfg.parallelism,
+        "execution_mode": cfg.execution_mode,
+        "bundle_size": cfg.bundle_size,
+        "bundle_time_ms": cfg.bundle_time_ms,
+        "buffer_timeout_ms": cfg.buffer_timeout_ms,
+        "checkpoint_interval_ms": cfg.checkpoint_interval_ms,
+        "broker_and_cluster": "local, same machine",
+    }
+
+
+def run_bench(cfg: OnrampConfig, sizes: BenchSizes, *, stages_only: bool = False) -> dict[str, Any]:
+    from jobs import services
+    from jobs.provision import provision
+    from jobs.stage_bench import stage_costs
+    from models.registry import current_bundle_path
+    from udfs.model_bundle import load_current
+
+    started = time.monotonic()
+    provision(cfg)
+    if current_bundle_path(cfg.model_dir) is None:
+        from models.training import train_and_publish
+
+        log.info("no model bundle yet: training one")
+        train_and_publish(cfg)
+    bundle = load_current(cfg.model_dir)
+    log.info("generating events")
+    pool = EventPool(2 * sizes.backlog + 2 * int(sizes.rate * sizes.duration_s)
+                     + int(sizes.rate * sizes.exactly_once_duration_s), seed=int(time.time()))
+    log.info("per-stage microbenchmark over %d events", sizes.stage_events)
+    stages = stage_costs(cfg, bundle, pool.events[: sizes.stage_events])
+    result: dict[str, Any] = {"stages_us": stages, "machine": machine_facts(cfg), "model_version": bundle.version}
+    if stages_only:
+        return result
+    services.up(cfg)
+    bench = Bench(cfg, sizes)
+    full_tp = bench.throughput("full", pool)
+    bare_tp = bench.throughput("bare", pool)
+    full_lat = bench.latency("full", pool)
+    bare_lat = bench.latency("bare", pool)
+    eo_lat = bench.latency("full", pool, delivery="exactly-once", duration_s=sizes.exactly_once_duration_s)
+    result["full"] = {**full_tp, "latency_ms": full_lat["latency_ms"], "latency_run": full_lat}
+    result["bare"] = {**bare_tp, "latency_ms": bare_lat["latency_ms"], "latency_run": bare_lat}
+    result["exactly_once"] = eo_lat
+    ratio = (full_tp["throughput_eps"] or 0) / bare_tp["throughput_eps"] if bare_tp["throughput_eps"] else None
+    result["throughput_ratio"] = round(ratio, 3) if ratio is not None else None
+    result["counts_ok"] = all(
+        r["decisions"] == r["events"] == r["unique_decisions"] for r in (full_tp, bare_tp, full_lat, bare_lat, eo_lat)
+    )
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    lines = [f"{'stage':18s} µs/event"]
+    lines += [f"{k:18s} {v:8.2f}" for k, v in result["stages_us"].items()]
+    if "full" in result:
+        lines.append("")
+        lines.append(f"{'job':14s} {'events':>8s} {'decisions':>9s} {'events/s':>9s} {'p50 ms':>7s} {'p95 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}")
+        for name in ("full", "bare"):
+            r = result[name]
+            lat = r["latency_ms"]
+            lines.append(f"{name:14s} {r['events']:8d} {r['decisions']:9d} {r['throughput_eps'] or 0:9.0f} "
+                         f"{lat['p50']:7.1f} {lat['p95']:7.1f} {lat['p99']:7.1f} {lat['max']:7.1f}")
+        eo = result["exactly_once"]
+        lat = eo["latency_ms"]
+        lines.append(f"{'exactly-once':14s} {eo['events']:8d} {eo['decisions']:9d} {'':9s} "
+                     f"{lat['p50']:7.1f} {lat['p95']:7.1f} {lat['p99']:7.1f} {lat['max']:7.1f}")
+        lines.append("")
+        lines.append(f"throughput full/bare: {result['throughput_ratio']}   counts ok: {result['counts_ok']}   "
+                     f"({result['seconds']}s)")
+    return "\n".join(lines)
