@@ -1,6 +1,6 @@
 """The benchmark's bare baseline: the least a keyed PyFlink job on the same input can do.
 
-Reads the same event bytes, keys by user (reading just the two id strings of the Avro body), counts events in
+Reads the same event bytes, keys by user with the same key selector as the personalize job, counts events in
 keyed state and writes ``event_id,count`` to Kafka, with exactly the Flink and Kafka settings of the personalize
 job. Throughput of the full job over this one shows what Onramp's own logic costs on the same machine and day.
 """
@@ -21,36 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import load_config  # noqa: E402
 from jobs.personalize import config_from_json, create_env, kafka_sink, kafka_source  # noqa: E402
+from udfs.wire_peek import read_ids, routing_key  # noqa: E402
 
 JOB_NAME = "onramp-bare-baseline"
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
-
-
-def read_ids(payload: bytes) -> tuple[bytes, bytes]:
-    """(event_id, user_id) of a single-object encoded OnboardingEvent, read straight off the wire: the first
-    two fields are Avro strings (zig-zag varint length + UTF-8)."""
-    pos = 10
-    out = []
-    for _ in range(2):
-        shift = value = 0
-        while True:
-            byte = payload[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        length = (value >> 1) ^ -(value & 1)
-        out.append(payload[pos:pos + length])
-        pos += length
-    return out[0], out[1]
-
-
-def user_of(payload: bytes) -> str:
-    try:
-        return read_ids(payload)[1].decode()
-    except (IndexError, UnicodeDecodeError):
-        return ""
 
 
 class CountPerUser(KeyedProcessFunction):
@@ -62,7 +36,7 @@ class CountPerUser(KeyedProcessFunction):
         self.count.update(n)
         try:
             event_id = read_ids(value)[0]
-        except IndexError:
+        except (IndexError, ValueError):
             event_id = b""
         yield event_id + b"," + str(n).encode()
 
@@ -77,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
     env = create_env(cfg, [Path(j) for j in args.jar])
     raw = env.from_source(kafka_source(cfg, bounded=args.bounded), WatermarkStrategy.no_watermarks(), "events")
-    out = raw.key_by(user_of, key_type=Types.STRING()).process(CountPerUser(), output_type=BYTES).name("count")
+    out = raw.key_by(routing_key, key_type=Types.STRING()).process(CountPerUser(), output_type=BYTES).name("count")
     out.sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink")
     env.execute(JOB_NAME)
 

@@ -1,12 +1,12 @@
 """The personalize job: onboarding events (Kafka, Avro) -> keyed per-user profile -> next-step decisions (Kafka).
 
-Graph (two Python operators, the minimum for keyed state; the decode step and the key selector chain):
+Graph (two Python operators, the minimum any keyed PyFlink job has):
 
-    KafkaSource(bytes) -> DecodeValidate --(dead letters)--------------------------+-> KafkaSink(dead letters)
-                               |                                                   |
-                               +-> key_by(user_id) -> Personalize --(errors)-------+
-                                                          |
-                                                          +-> KafkaSink(decisions)
+    KafkaSource(bytes) -> key_by(user id read off the wire) -> Personalize --(dead letters)--> KafkaSink(dead letters)
+                                                                   |
+                                                                   +--> KafkaSink(decisions)
+
+Personalize decodes and validates each record once, then updates the profile, scores, and decides.
 
 Run it with ``onramp submit`` (which calls ``flink run -py jobs/personalize.py --config-json ...``), or import
 :func:`build_pipeline` to wire it to other sources and sinks (the mini-cluster tests do).
@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import BYTES, DEAD_LETTERS, DecodeValidate, Personalize, read_bundle_files, user_key  # noqa: E402
+from udfs.flink_functions import BYTES, DEAD_LETTERS, Personalize, read_bundle_files  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
+from udfs.wire_peek import routing_key  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
 
@@ -92,18 +93,16 @@ def build_pipeline(raw: DataStream, cfg: OnrampConfig, bundle_path: Path | None 
     """Wire the Onramp operators onto a stream of raw event bytes; returns (decisions, dead letters), both bytes."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
-    decoded = raw.process(DecodeValidate(cfg.input_topic, limits)).uid("decode-validate").name("decode-validate")
     decisions = (
-        decoded.key_by(user_key, key_type=Types.STRING())
+        raw.key_by(routing_key, key_type=Types.STRING())
         .process(
-            Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic),
+            Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits),
             output_type=BYTES,
         )
         .uid("personalize")
         .name("personalize")
     )
-    dead_letters = decoded.get_side_output(DEAD_LETTERS).union(decisions.get_side_output(DEAD_LETTERS))
-    return decisions, dead_letters
+    return decisions, decisions.get_side_output(DEAD_LETTERS)
 
 
 def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Thin PyFlink wrappers around the pure logic: decode/validate, and the keyed personalize step.
+"""Thin PyFlink wrapper around the pure logic: the keyed personalize step.
 
 They own only what needs Flink (state handles, side outputs, open/close); each holds plain parameters so it
 pickles small when the job graph is shipped to the TaskManagers.
@@ -13,13 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-# Imported here, at unpickling time of every Onramp operator, before any record flows: loading onnxruntime's
-# native module inside one embedded (thread-mode) operator's open() while another operator's thread is running
-# Python deadlocked in dlopen (seen with PyFlink 2.2.1 / pemja 0.5 / onnxruntime 1.32).
-import numpy  # noqa: F401
-import onnxruntime  # noqa: F401
 from pyflink.common import Types
-from pyflink.datastream import KeyedProcessFunction, OutputTag, ProcessFunction, RuntimeContext
+from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
@@ -60,33 +55,6 @@ def dead_letter_bytes(original: bytes, source: DeadLetterSource, code: str, mess
     )
 
 
-class DecodeValidate(ProcessFunction):
-    """Raw Kafka value -> decoded event (main output) or DeadLetter bytes (side output ``DEAD_LETTERS``)."""
-
-    def __init__(self, input_topic: str, limits: ValidationLimits) -> None:
-        self.source = DeadLetterSource(input_topic)
-        self.limits = limits
-        self.codec = None
-        self.dlq_codec = None
-        self.rejected = None
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        self.codec = event_codec()
-        self.dlq_codec = dead_letter_codec()
-        self.rejected = runtime_context.get_metrics_group().counter("dead_letters")
-
-    def process_element(self, value: bytes, ctx: ProcessFunction.Context) -> Iterable[Any]:
-        try:
-            yield decode_event(self.codec, value, _now_ms(), self.limits)
-        except InvalidEvent as exc:
-            self.rejected.inc()
-            yield DEAD_LETTERS, dead_letter_bytes(value, self.source, exc.code, exc.message, self.dlq_codec)
-
-
-def user_key(event: dict[str, Any]) -> str:
-    return event["user_id"]
-
-
 def read_bundle_files(bundle_dir: Path) -> dict[str, bytes]:
     """The files of a model bundle, to ship inside the job graph: TaskManagers then need no shared file system
     and every restart of this job version uses exactly the bundle it was submitted with."""
@@ -102,12 +70,20 @@ def materialize_bundle(files: dict[str, bytes]) -> Path:
 
 
 class Personalize(KeyedProcessFunction):
-    """Keyed by user: fold the event into the profile state, score it, emit the encoded decision."""
+    """Keyed by user (:func:`udfs.wire_peek.routing_key` on the raw bytes): decode and validate the event,
+    fold it into the profile state, score it, emit the encoded decision; anything invalid or failing goes to
+    the ``DEAD_LETTERS`` side output with its reason.
 
-    def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str):
+    Decoding here rather than in an operator of its own keeps the job at the two Python operators any keyed
+    PyFlink job has (key selector, keyed function) and ships raw bytes, not pickled dicts, across the shuffle.
+    """
+
+    def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
+                 limits: ValidationLimits):
         self.bundle_files = bundle_files
         self.half_life_ms = half_life_ms
         self.source = DeadLetterSource(input_topic)
+        self.limits = limits
         self.personalizer = None
         self.profile_state = None
 
@@ -124,9 +100,16 @@ class Personalize(KeyedProcessFunction):
         self.dlq_codec = dead_letter_codec()
         metrics = runtime_context.get_metrics_group()
         self.decisions = metrics.counter("decisions")
+        self.rejected = metrics.counter("dead_letters")
         self.failures = metrics.counter("processing_errors")
 
-    def process_element(self, event: dict[str, Any], ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+    def process_element(self, value: bytes, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+        try:
+            event = decode_event(self.event_codec, value, _now_ms(), self.limits)
+        except InvalidEvent as exc:
+            self.rejected.inc()
+            yield DEAD_LETTERS, dead_letter_bytes(value, self.source, exc.code, exc.message, self.dlq_codec)
+            return
         personalizer = self.personalizer
         try:
             if event["event_type"] == "erasure_requested":
@@ -141,7 +124,7 @@ class Personalize(KeyedProcessFunction):
             self.failures.inc()
             log.exception("personalize failed for event %s", event.get("event_id"))
             yield DEAD_LETTERS, dead_letter_bytes(
-                self.event_codec.encode(event), self.source, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.dlq_codec
+                value, self.source, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.dlq_codec
             )
             return
         self.decisions.inc()

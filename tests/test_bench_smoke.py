@@ -1,0 +1,26 @@
+"""`onramp bench --quick` machinery with tiny sizes on the real services: counts, not timings."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.bench import BenchSizes, run_bench, summary_table
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_runs_and_accounts_for_every_event(live_services):
+    sizes = BenchSizes(rate=200.0, duration_s=2.0, backlog=400, stage_events=300, exactly_once_duration_s=2.0)
+    result = run_bench(live_services, sizes)
+    for name in ("full", "bare"):
+        run = result[name]
+        assert run["events"] == run["decisions"] == run["unique_decisions"] == 400
+        assert run["throughput_eps"] > 0
+        assert set(run["latency_ms"]) == {"p50", "p95", "p99", "max"}
+        assert run["latency_run"]["decisions"] == run["latency_run"]["events"] == 400
+    assert result["exactly_once"]["decisions"] == result["exactly_once"]["events"] == 400
+    assert result["counts_ok"] is True
+    assert result["throughput_ratio"] > 0
+    assert {"decode_validate", "inference", "rules", "encode", "total"} <= set(result["stages_us"])
+    assert result["machine"]["execution_mode"] == "thread"
+    assert "throughput full/bare" in summary_table(result)
