@@ -3,7 +3,8 @@ keyed PyFlink job measured in the same run, plus the per-stage cost of Onramp's 
 
 Each measurement gets fresh topics. Output topics use ``message.timestamp.type=LogAppendTime``, so a record's
 timestamp is the moment it is in the topic; latency = that timestamp minus the time the event was sent
-(kept per event id by the producer). Throughput = records / (last - first output timestamp) over a pre-loaded
+(kept per event id by the producer). In exactly-once mode a record is appended before its transaction commits,
+so there latency is measured to the moment a read_committed consumer receives it. Throughput = records / (last - first output timestamp) over a pre-loaded
 backlog, which leaves job start-up out.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import logging
 import os
 import platform
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -81,6 +83,23 @@ def _event_id_of(variant: str) -> Callable[[bytes], str]:
 
     codec = decision_codec()
     return lambda value: codec.decode(value)["event_id"]
+
+
+class _ConcurrentReader(threading.Thread):
+    """Reads an output topic while the events are produced; stamps each record with its receipt time."""
+
+    def __init__(self, cfg: OnrampConfig, variant: str, expected: int, timeout_s: float) -> None:
+        super().__init__(daemon=True)
+        self.cfg, self.expected, self.timeout_s = cfg, expected, timeout_s
+        self.event_id = _event_id_of(variant)
+        self.received: list[tuple[str, int]] = []
+
+    def run(self) -> None:
+        from jobs.kafka_io import read_records
+
+        for record in read_records(self.cfg, self.cfg.decisions_topic, max_records=self.expected,
+                                   timeout_s=self.timeout_s):
+            self.received.append((self.event_id(record.value), time.time_ns() // 1_000_000))
 
 
 class Bench:
@@ -179,10 +198,19 @@ class Bench:
         try:
             time.sleep(1.0)  # let the Python workers settle before the clock starts
             log.info("%s latency (%s): %d events at %.0f/s", variant, delivery, n, self.sizes.rate)
+            if delivery == "exactly-once":
+                # A transactional record is appended (LogAppendTime) before its transaction commits; what counts
+                # is when a read_committed consumer can see it, so read concurrently and stamp on receipt.
+                reader = _ConcurrentReader(cfg, variant, n, timeout_s=60 + 3 * cfg.checkpoint_interval_ms / 1000)
+                reader.start()
             producer = make_producer(self.cfg, linger_ms=0)
             produce(producer, cfg.input_topic, ((k, v) for k, v, _ in records), rate=self.sizes.rate, stamp=stamp)
             producer.close()
-            out = self._collect(cfg, variant, n, timeout_s=60 + cfg.checkpoint_interval_ms / 1000)
+            if delivery == "exactly-once":
+                reader.join()
+                out = reader.received
+            else:
+                out = self._collect(cfg, variant, n, timeout_s=60 + cfg.checkpoint_interval_ms / 1000)
         finally:
             flink_jobs.cancel(cfg, job_id)
         latencies = [ts - sent[eid] for eid, ts in out if eid in sent]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jobs.config import REPO_ROOT, OnrampConfig, load_config
+from jobs.file_lock import file_lock
 
 log = logging.getLogger("jobs.provision")
 
@@ -103,16 +103,9 @@ def _check_layout(jars_dir: Path) -> None:
         raise ProvisionError(f"Maven finished but {jars_dir} lacks {', '.join(missing)}; check {POM}")
 
 
-@contextlib.contextmanager
-def _lock(jars_dir: Path) -> Iterator[None]:
+def _lock(jars_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Serialise concurrent provision() calls (two shells, a test run and a CLI) on the same jars_dir."""
-    jars_dir.mkdir(parents=True, exist_ok=True)
-    with open(jars_dir / ".provision.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(jars_dir / ".provision.lock")
 
 
 def _find_java() -> str | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -48,6 +47,7 @@ import yaml
 
 from jobs import kafka_admin
 from jobs.config import OnrampConfig, load_config
+from jobs.file_lock import file_lock
 from jobs.provision import ProvisionError, kafka_classpath
 
 log = logging.getLogger("jobs.services")
@@ -743,17 +743,9 @@ def _stop_flink(cfg: OnrampConfig, p: _Paths) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _services_lock(cfg: OnrampConfig) -> Iterator[None]:
+def _services_lock(cfg: OnrampConfig) -> contextlib.AbstractContextManager[None]:
     """Serialise up/down on one state_dir (two shells, or a CLI and a test session)."""
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".services.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(Path(cfg.run_dir) / ".services.lock")
 
 
 def up(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
