@@ -1,6 +1,6 @@
 """Thin PyFlink wrapper around the pure logic: the keyed personalize step.
 
-They own only what needs Flink (state handles, side outputs, open/close); each holds plain parameters so it
+It owns only what needs Flink (state handles, side outputs, open/close) and holds plain parameters, so it
 pickles small when the job graph is shipped to the TaskManagers.
 """
 
