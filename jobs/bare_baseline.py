@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from pyflink.common import Types, WatermarkStrategy
+from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import load_config  # noqa: E402
-from jobs.personalize import config_from_json, create_env, kafka_sink, kafka_source  # noqa: E402
-from udfs.wire_peek import read_ids, routing_key  # noqa: E402
+from jobs.personalize import config_from_json, create_env, kafka_records, kafka_sink  # noqa: E402
+from udfs.flink_functions import record_key  # noqa: E402
+from udfs.wire_peek import read_ids  # noqa: E402
 
 JOB_NAME = "onramp-bare-baseline"
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
@@ -31,11 +32,11 @@ class CountPerUser(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         self.count = runtime_context.get_state(ValueStateDescriptor("count", Types.LONG()))
 
-    def process_element(self, value: bytes, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+    def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         n = (self.count.value() or 0) + 1
         self.count.update(n)
         try:
-            event_id = read_ids(value)[0]
+            event_id = read_ids(record[0])[0]
         except (IndexError, ValueError):
             event_id = b""
         yield event_id + b"," + str(n).encode()
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
     env = create_env(cfg, [Path(j) for j in args.jar])
-    raw = env.from_source(kafka_source(cfg, bounded=args.bounded), WatermarkStrategy.no_watermarks(), "events")
-    out = raw.key_by(routing_key, key_type=Types.STRING()).process(CountPerUser(), output_type=BYTES).name("count")
+    records = kafka_records(env, cfg, bounded=args.bounded)
+    out = records.key_by(record_key, key_type=Types.STRING()).process(CountPerUser(), output_type=BYTES).name("count")
     out.sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink")
     env.execute(JOB_NAME)
 

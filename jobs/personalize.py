@@ -2,7 +2,7 @@
 
 Graph (two Python operators, the minimum any keyed PyFlink job has):
 
-    KafkaSource(bytes) -> key_by(user id read off the wire) -> Personalize --(dead letters)--> KafkaSink(dead letters)
+    Kafka (value, partition, offset) -> key_by(user id read off the wire) -> Personalize --(dead letters)--> KafkaSink(dead letters)
                                                                    |
                                                                    +--> KafkaSink(decisions)
 
@@ -21,26 +21,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyflink.common import Configuration, Types, WatermarkStrategy
+from pyflink.common import Configuration, Types
 from pyflink.common.serialization import ByteArraySchema
 from pyflink.datastream import CheckpointingMode, DataStream, StreamExecutionEnvironment
 from pyflink.datastream.connectors.base import DeliveryGuarantee
 from pyflink.datastream.connectors.kafka import (
-    KafkaOffsetResetStrategy,
-    KafkaOffsetsInitializer,
     KafkaRecordSerializationSchema,
     KafkaSink,
-    KafkaSource,
 )
+from pyflink.table import StreamTableEnvironment
 
 # `flink run -py jobs/personalize.py` puts jobs/ first on sys.path; the project root must be importable too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import BYTES, DEAD_LETTERS, Personalize, read_bundle_files  # noqa: E402
+from udfs.flink_functions import BYTES, DEAD_LETTERS, Personalize, read_bundle_files, record_key  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
-from udfs.wire_peek import routing_key  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
 
@@ -89,12 +86,13 @@ def resolve_bundle(cfg: OnrampConfig, bundle_path: Path | None = None) -> Path:
     return bundle.path
 
 
-def build_pipeline(raw: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> tuple[DataStream, DataStream]:
-    """Wire the Onramp operators onto a stream of raw event bytes; returns (decisions, dead letters), both bytes."""
+def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> tuple[DataStream, DataStream]:
+    """Wire the Onramp operators onto a stream of ``Row(value, topic, partition, offset)`` (see
+    :data:`udfs.flink_functions.KAFKA_RECORD`); returns (decisions, dead letters), both encoded bytes."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
     decisions = (
-        raw.key_by(routing_key, key_type=Types.STRING())
+        records.key_by(record_key, key_type=Types.STRING())
         .process(
             Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits),
             output_type=BYTES,
@@ -110,25 +108,41 @@ def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:
     return {k[len("kafka."):]: v for k, v in cfg.extra.items() if k.startswith("kafka.")}
 
 
-def kafka_source(cfg: OnrampConfig, *, bounded: bool = False) -> KafkaSource:
-    builder = (
-        KafkaSource.builder()
-        .set_bootstrap_servers(cfg.bootstrap_servers)
-        .set_topics(cfg.input_topic)
-        .set_group_id(cfg.group_id)
-        # Resume from the group's committed offsets (a restart without a savepoint loses nothing); a new group
-        # starts at the beginning of the topic.
-        .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST))
-        .set_value_only_deserializer(ByteArraySchema())
-        .set_property("commit.offsets.on.checkpoint", "true")
-    )
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded: bool = False) -> DataStream:
+    """The input topic as a stream of ``Row(value: bytes, topic, partition, offset)``.
+
+    Read through the Kafka table connector with the ``raw`` format because its metadata columns carry each
+    record's partition and offset, which dead letters must name; the DataStream KafkaSource exposes only a
+    value-only deserializer to Python. Same KafkaSource underneath: offsets are committed on checkpoints and the
+    job resumes from the group's committed offsets (earliest for a new group).
+    """
+    options = {
+        "connector": "kafka",
+        "topic": cfg.input_topic,
+        "properties.bootstrap.servers": cfg.bootstrap_servers,
+        "properties.group.id": cfg.group_id,
+        "properties.auto.offset.reset": "earliest",
+        "scan.startup.mode": "group-offsets",
+        "format": "raw",
+    }
     if cfg.delivery == "exactly-once":
-        builder.set_property("isolation.level", "read_committed")
+        options["properties.isolation.level"] = "read_committed"
     if bounded:
-        builder.set_bounded(KafkaOffsetsInitializer.latest())
+        options["scan.bounded.mode"] = "latest-offset"
     for key, value in kafka_properties(cfg).items():
-        builder.set_property(key, value)
-    return builder.build()
+        options[f"properties.{key}"] = value
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(
+        "CREATE TEMPORARY TABLE onboarding_events (`value` BYTES, `topic` STRING METADATA VIRTUAL, "
+        "`partition` INT METADATA VIRTUAL, `offset` BIGINT METADATA VIRTUAL) WITH ("
+        + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
+        + ")"
+    )
+    return t_env.to_data_stream(t_env.from_path("onboarding_events"))
 
 
 def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
@@ -153,9 +167,7 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
 
 def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounded: bool = False) -> StreamExecutionEnvironment:
     env = create_env(cfg, jars)
-    raw = env.from_source(kafka_source(cfg, bounded=bounded), WatermarkStrategy.no_watermarks(), "onboarding-events")
-    raw = raw.uid("kafka-source")
-    decisions, dead_letters = build_pipeline(raw, cfg)
+    decisions, dead_letters = build_pipeline(kafka_records(env, cfg, bounded=bounded), cfg)
     decisions.sink_to(kafka_sink(cfg, cfg.decisions_topic, "decisions")).uid("decisions-sink").name("decisions-sink")
     dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
     return env

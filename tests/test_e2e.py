@@ -56,6 +56,9 @@ def test_events_in_decisions_and_dead_letters_out(live_services):
     assert Counter(d["event_id"] for d in decisions) == Counter(e["event_id"] for e in events)
     assert sorted(d["error_code"] for d in dead) == sorted(MALFORMED_KINDS)
     assert all(d["error_message"] and d["original"] and d["topic"] == cfg.input_topic for d in dead)
+    half = len(events) // 2  # the malformed records were sent after the first half of the events
+    assert sorted(d["offset"] for d in dead) == list(range(half, half + len(malformed)))
+    assert {d["partition"] for d in dead} == {0}
     assert any(d["personalized"] for d in decisions)
     assert all(d["rules_version"] and d["model_version"] != "none" for d in decisions)
     assert not flink_jobs.running_jobs(cfg, JOB_NAME)

@@ -27,16 +27,20 @@ pytestmark = pytest.mark.minicluster
 def _run_on_minicluster(cfg, payloads: list[bytes], bundle_path: Path) -> list[bytes]:
     from pyflink.common import Types
 
+    from pyflink.common import Row
+
     from jobs.personalize import build_pipeline, create_env
-    from udfs.flink_functions import BYTES
+    from udfs.flink_functions import KAFKA_RECORD
 
     env = create_env(cfg)
     # from_collection cannot carry byte[] in PyFlink 2.2 (ClassCastException in PythonBridgeUtils); carry the
-    # payloads as latin-1 strings and turn them back into bytes in a chained map.
-    raw = env.from_collection([p.decode("latin-1") for p in payloads], type_info=Types.STRING()).map(
-        lambda s: s.encode("latin-1"), output_type=BYTES
-    )
-    decisions, dead_letters = build_pipeline(raw, cfg, bundle_path=bundle_path)
+    # payloads as latin-1 strings with their offset and build the Kafka-shaped rows in a chained map.
+    topic = cfg.input_topic
+    records = env.from_collection(
+        [(offset, p.decode("latin-1")) for offset, p in enumerate(payloads)],
+        type_info=Types.TUPLE([Types.LONG(), Types.STRING()]),
+    ).map(lambda t: Row(t[1].encode("latin-1"), topic, 0, t[0]), output_type=KAFKA_RECORD)
+    decisions, dead_letters = build_pipeline(records, cfg, bundle_path=bundle_path)
     with decisions.union(dead_letters).execute_and_collect("onramp-minicluster-test") as results:
         return [bytes(b % 256 for b in value) for value in results]
 
@@ -56,6 +60,9 @@ def test_keyed_job_decides_every_valid_event_and_dead_letters_the_rest(trained_m
     dead = [dead_letter_codec().decode(b) for b in out if b[2:10] != decision_fp]
     assert len(decisions) == len(events)
     assert sorted(d["error_code"] for d in dead) == sorted(MALFORMED_KINDS)
+    # Dead letters name where the record was read: the malformed ones were appended after the events.
+    assert sorted(d["offset"] for d in dead) == list(range(len(events), len(payloads)))
+    assert {(d["topic"], d["partition"]) for d in dead} == {(cfg.input_topic, 0)}
     assert Counter(d["event_id"] for d in decisions) == Counter(e["event_id"] for e in events)
     assert {d["model_version"] for d in decisions} == {bundle.version}
     assert any(d["personalized"] for d in decisions)

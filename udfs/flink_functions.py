@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,34 +19,34 @@ from pyflink.datastream.state import ValueStateDescriptor
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
 from udfs.profile_state import profile_from_state, profile_to_state
 from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
+from udfs.wire_peek import routing_key
 
 log = logging.getLogger(__name__)
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
+# One input record: the Kafka value and where it was read (for dead letters).
+KAFKA_RECORD = Types.ROW_NAMED(["value", "topic", "partition", "offset"], [BYTES, Types.STRING(), Types.INT(), Types.LONG()])
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True)
-class DeadLetterSource:
-    """Where rejected records came from (the value-only Kafka source does not expose partition/offset)."""
-
-    topic: str
-    partition: int = -1
-    offset: int = -1
+def record_key(record: Any) -> str:
+    """Key selector: the user id read off the wire of ``record.value`` ("" if unreadable)."""
+    return routing_key(record[0])
 
 
-def dead_letter_bytes(original: bytes, source: DeadLetterSource, code: str, message: str, codec=None) -> bytes:
+def dead_letter_bytes(original: bytes, topic: str, partition: int, offset: int, code: str, message: str,
+                      codec=None) -> bytes:
     codec = codec or dead_letter_codec()
     return codec.encode(
         {
             "original": bytes(original),
-            "topic": source.topic,
-            "partition": source.partition,
-            "offset": source.offset,
+            "topic": topic,
+            "partition": -1 if partition is None else partition,
+            "offset": -1 if offset is None else offset,
             "error_code": code,
             "error_message": message[:2000],
             "failed_at": _now_ms(),
@@ -70,7 +69,7 @@ def materialize_bundle(files: dict[str, bytes]) -> Path:
 
 
 class Personalize(KeyedProcessFunction):
-    """Keyed by user (:func:`udfs.wire_peek.routing_key` on the raw bytes): decode and validate the event,
+    """Keyed by user (:func:`record_key`) over ``KAFKA_RECORD`` rows: decode and validate the event,
     fold it into the profile state, score it, emit the encoded decision; anything invalid or failing goes to
     the ``DEAD_LETTERS`` side output with its reason.
 
@@ -82,7 +81,7 @@ class Personalize(KeyedProcessFunction):
                  limits: ValidationLimits):
         self.bundle_files = bundle_files
         self.half_life_ms = half_life_ms
-        self.source = DeadLetterSource(input_topic)
+        self.input_topic = input_topic
         self.limits = limits
         self.personalizer = None
         self.profile_state = None
@@ -103,12 +102,13 @@ class Personalize(KeyedProcessFunction):
         self.rejected = metrics.counter("dead_letters")
         self.failures = metrics.counter("processing_errors")
 
-    def process_element(self, value: bytes, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+    def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+        value = record[0]
         try:
             event = decode_event(self.event_codec, value, _now_ms(), self.limits)
         except InvalidEvent as exc:
             self.rejected.inc()
-            yield DEAD_LETTERS, dead_letter_bytes(value, self.source, exc.code, exc.message, self.dlq_codec)
+            yield DEAD_LETTERS, self._dead_letter(record, exc.code, exc.message)
             return
         personalizer = self.personalizer
         try:
@@ -123,9 +123,11 @@ class Personalize(KeyedProcessFunction):
         except Exception as exc:  # one bad record must not crash the job: dead-letter it with the reason
             self.failures.inc()
             log.exception("personalize failed for event %s", event.get("event_id"))
-            yield DEAD_LETTERS, dead_letter_bytes(
-                value, self.source, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.dlq_codec
-            )
+            yield DEAD_LETTERS, self._dead_letter(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
             return
         self.decisions.inc()
         yield out
+
+    def _dead_letter(self, record: Any, code: str, message: str) -> bytes:
+        return dead_letter_bytes(record[0], record[1] or self.input_topic, record[2], record[3], code, message,
+                                 self.dlq_codec)
