@@ -129,6 +129,24 @@ def cmd_train(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_taskmanager_has_older_code(cfg: OnrampConfig) -> None:
+    """Thread mode keeps the Python modules a TaskManager imported first; edits made since it started would be
+    silently ignored by the job, so say so."""
+    from jobs import services
+    from jobs.config import REPO_ROOT
+
+    started = services.taskmanager_started_at(cfg)
+    if started is None:
+        return
+    newer = [p for d in ("udfs", "models") for p in (REPO_ROOT / d).glob("*.py") if p.stat().st_mtime > started]
+    if newer:
+        log.warning(
+            "%d Onramp source file(s) changed since the local TaskManager started (e.g. %s); in thread mode it keeps "
+            "the modules it loaded first, so restart it (`onramp down && onramp up`) for the job to run the new code",
+            len(newer), newer[0].relative_to(REPO_ROOT),
+        )
+
+
 def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] | None = None) -> str:
     """Provision, check the model, cancel an older Onramp job, submit, wait until it runs; returns the job id."""
     from jobs import flink_jobs, services
@@ -138,6 +156,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     from udfs.model_bundle import load_current
 
     provision(cfg)
+    _warn_if_taskmanager_has_older_code(cfg)
     bundle = load_current(cfg.model_dir)  # fails here, clearly, rather than inside a TaskManager
     log.info("model bundle %s", bundle.version)
     ensure_topics(cfg, [cfg.input_topic, cfg.decisions_topic, cfg.dead_letter_topic])

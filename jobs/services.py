@@ -779,6 +779,15 @@ def down(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
     return out
 
 
+def taskmanager_started_at(cfg: OnrampConfig) -> float | None:
+    """When the local TaskManager was started (its pid file's mtime), or None if it is not running."""
+    pid_file = _paths(cfg).tm_pid
+    try:
+        return pid_file.stat().st_mtime if _read_pids(pid_file) else None
+    except OSError:
+        return None
+
+
 def status(cfg: OnrampConfig) -> dict:
     p = _paths(cfg)
     return {"kafka": _kafka_status(cfg, p), "flink": _flink_status(cfg, p)}
