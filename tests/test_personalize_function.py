@@ -1,0 +1,104 @@
+"""The keyed Flink function's routing, without a cluster: decisions out, bad records and failures dead-lettered.
+
+A running job must never crash on one record: an exception while personalizing one event becomes a dead letter
+with code processing_error, and the next event is decided as usual.
+"""
+
+from __future__ import annotations
+
+from pyflink.common import Row
+
+from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
+from udfs.flink_functions import DEAD_LETTERS, Personalize
+from udfs.personalizer import Personalizer
+from udfs.validation import ValidationLimits
+
+from tests.conftest import make_event
+
+
+class FakeState:
+    def __init__(self) -> None:
+        self.data = None
+
+    def value(self):
+        return self.data
+
+    def update(self, value) -> None:
+        self.data = value
+
+    def clear(self) -> None:
+        self.data = None
+
+
+class FakeCounter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+
+class ExplodingScorer:
+    version = "m-broken"
+
+    def score(self, features):
+        raise RuntimeError("model blew up")
+
+
+def _function(scorer=None) -> Personalize:
+    fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(max_event_age_ms=10**13))
+    fn.personalizer = Personalizer(scorer, 3_600_000.0)
+    fn.profile_state = FakeState()
+    fn.encode = decision_codec().encode
+    fn.event_codec = event_codec()
+    fn.dlq_codec = dead_letter_codec()
+    fn.decisions, fn.rejected, fn.failures = FakeCounter(), FakeCounter(), FakeCounter()
+    return fn
+
+
+def _consenting_event():
+    event = make_event("signup")
+    event["consent"] = {"personalization": True, "analytics": True, "marketing": False}
+    return event
+
+
+def _run(fn, payload: bytes, offset: int = 7):
+    return list(fn.process_element(Row(payload, "events", 3, offset), None))
+
+
+def test_valid_event_yields_one_decision_and_updates_state():
+    fn = _function()
+    event = make_event("signup")
+    (out,) = _run(fn, event_codec().encode(event))
+    assert decision_codec().decode(out)["event_id"] == event["event_id"]
+    assert fn.profile_state.data is not None and fn.decisions.count == 1
+
+
+def test_invalid_record_is_dead_lettered_with_its_position():
+    fn = _function()
+    ((tag, out),) = _run(fn, b"not avro at all", offset=42)
+    dead = dead_letter_codec().decode(out)
+    assert tag is DEAD_LETTERS and dead["error_code"] == "not_single_object"
+    assert (dead["topic"], dead["partition"], dead["offset"]) == ("events", 3, 42)
+    assert fn.profile_state.data is None and fn.rejected.count == 1
+
+
+def test_failure_while_personalizing_is_dead_lettered_and_the_job_goes_on():
+    fn = _function(ExplodingScorer())
+    payload = event_codec().encode(_consenting_event())
+    ((tag, out),) = _run(fn, payload)
+    dead = dead_letter_codec().decode(out)
+    assert tag is DEAD_LETTERS and dead["error_code"] == "processing_error"
+    assert "model blew up" in dead["error_message"] and dead["original"] == payload
+    fn.personalizer = Personalizer(None, 3_600_000.0)  # the next record is processed normally
+    (decision,) = _run(fn, event_codec().encode(make_event("page_view")))
+    assert decision_codec().decode(decision)["step_id"]
+    assert fn.failures.count == 1 and fn.decisions.count == 1
+
+
+def test_erasure_clears_the_profile():
+    fn = _function()
+    _run(fn, event_codec().encode(make_event("signup")))
+    (out,) = _run(fn, event_codec().encode(make_event("erasure_requested")))
+    assert fn.profile_state.data is None
+    assert decision_codec().decode(out)["content_variant"] == "erased"
