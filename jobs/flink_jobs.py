@@ -121,10 +121,12 @@ def submit(
 ) -> str:
     """``flink run -d -py <script>`` against ``cfg.flink_rest_url``; returns the job id."""
     target = urlparse(cfg.flink_rest_url)
+    # The workers' Python: the one the job config names (flink.python.executable), else this venv's.
+    worker_python = cfg.extra.get("flink.python.executable", sys.executable)
     command = [
         str(flink_bin), "run", "-d",
         "-m", f"{target.hostname}:{target.port or 8081}",
-        "-pyexec", sys.executable, "-pyclientexec", sys.executable,
+        "-pyexec", worker_python, "-pyclientexec", sys.executable,
         "-py", str(script),
         # Ship the project's code and schemas: TaskManagers import them from the job's own files.
         "-pyfs", ",".join(str(REPO_ROOT / d) for d in ("jobs", "udfs", "models", "avro")),
