@@ -20,9 +20,6 @@ import argparse
 import json
 import logging
 import sys
-import time
-from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 from jobs.config import ConfigError, OnrampConfig, load_config

@@ -26,7 +26,6 @@ def run_demo(cfg: OnrampConfig, *, users: int, rate: float, malformed: int) -> i
     from jobs import services
     from jobs.cli import submit_job
     from jobs.event_stream import encode_events, generated_events, malformed_records
-    from jobs.kafka_admin import ensure_topics
     from jobs.kafka_io import end_offsets, make_producer, produce, read_records
     from jobs.provision import provision
     from models.registry import current_bundle_path
@@ -37,7 +36,6 @@ def run_demo(cfg: OnrampConfig, *, users: int, rate: float, malformed: int) -> i
     provision(cfg)
     log.info("2/6 starting local Kafka (KRaft) and Flink")
     services.up(cfg)
-    ensure_topics(cfg, [cfg.input_topic, cfg.decisions_topic, cfg.dead_letter_topic])
     if current_bundle_path(cfg.model_dir) is None:
         log.info("3/6 no model bundle yet: training personas + churn model on generated history")
         from models.training import train_and_publish
@@ -45,7 +43,7 @@ def run_demo(cfg: OnrampConfig, *, users: int, rate: float, malformed: int) -> i
         train_and_publish(cfg, n_users=2000, seed=7)
     else:
         log.info("3/6 using the published model bundle in %s", cfg.model_dir)
-    log.info("4/6 submitting the personalize job")
+    log.info("4/6 submitting the personalize job (creates the topics if needed)")
     job_id = submit_job(cfg)
 
     events = generated_events(users)

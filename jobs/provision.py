@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from jobs.config import REPO_ROOT, OnrampConfig, load_config
 from jobs.file_lock import file_lock
