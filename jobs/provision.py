@@ -1,8 +1,10 @@
-"""Fetch the JVM jars Onramp needs, once: the Kafka broker classpath and the Flink Kafka connector.
+"""Fetch and build the JVM jars Onramp needs, once: the Kafka broker classpath, the Flink Kafka connector and
+Onramp's own Flink SQL function (``jvm/src``: the routing key, computed in the JVM so the job has no Python
+key selector).
 
-``jvm/pom.xml`` pins every version; Maven resolves and copies the jars into ``<jars_dir>/kafka/`` and
-``<jars_dir>/flink/``. A stamp file records the sha256 of the pom and the jars it produced, so a second
-``provision()`` with an unchanged pom checks a few files and runs no Maven at all.
+``jvm/pom.xml`` pins every version; Maven resolves, compiles and copies the jars into ``<jars_dir>/kafka/`` and
+``<jars_dir>/flink/``. A stamp file records the sha256 of the pom and Java sources and the jars they produced, so
+a second ``provision()`` with unchanged inputs checks a few files and runs no Maven at all.
 
     python -m jobs.provision            # provision (no-op when up to date)
     python -m jobs.provision --force    # re-run Maven even when the stamp says up to date
@@ -29,12 +31,15 @@ from jobs.file_lock import file_lock
 
 log = logging.getLogger("jobs.provision")
 
-POM = REPO_ROOT / "jvm" / "pom.xml"
+JVM_DIR = REPO_ROOT / "jvm"
+POM = JVM_DIR / "pom.xml"
 STAMP_NAME = ".provisioned.json"
 KAFKA_SUBDIR = "kafka"
 FLINK_SUBDIR = "flink"
 # The jar PyFlink needs in pipeline.jars (fat jar: Table API factory, DataStream source/sink, shaded kafka-clients).
 FLINK_CONNECTOR_GLOB = "flink-sql-connector-kafka-*.jar"
+# Onramp's SQL functions (io.onramp.flink.*), compiled from jvm/src.
+FLINK_FUNCTIONS_GLOB = "onramp-flink-functions-*.jar"
 # Jars without which the broker cannot start; checked so a half-copied folder is never taken as provisioned.
 KAFKA_REQUIRED_GLOBS = ("kafka_2.13-*.jar", "kafka-clients-*.jar", "kafka-server-*.jar", "log4j-core-*.jar")
 MVN_TIMEOUT_S = 900
@@ -50,7 +55,7 @@ class Provisioned:
     jars_dir: Path
     kafka_jars: list[Path]
     flink_jars: list[Path]
-    pom_sha256: str
+    inputs_sha256: str
     ran_maven: bool
     seconds: float = 0.0
     stamp: Path = field(default=Path())
@@ -60,8 +65,12 @@ class Provisioned:
         return str(self.jars_dir / KAFKA_SUBDIR / "*")
 
 
-def pom_sha256(pom: Path = POM) -> str:
-    return hashlib.sha256(pom.read_bytes()).hexdigest()
+def jvm_inputs_sha256(jvm_dir: Path = JVM_DIR) -> str:
+    """sha256 over the pom and the Java sources: a change to either means Maven must run again."""
+    digest = hashlib.sha256()
+    for path in [jvm_dir / "pom.xml", *sorted((jvm_dir / "src").rglob("*.java"))]:
+        digest.update(str(path.relative_to(jvm_dir)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _jars(folder: Path) -> list[Path]:
@@ -84,8 +93,8 @@ def _up_to_date(cfg: OnrampConfig, sha: str) -> str | None:
     stamp = _read_stamp(cfg)
     if stamp is None:
         return "no provisioning stamp"
-    if stamp.get("pom_sha256") != sha:
-        return "jvm/pom.xml changed since the last provisioning"
+    if stamp.get("inputs_sha256") != sha:
+        return "jvm/pom.xml or jvm/src changed since the last provisioning"
     jars_dir = Path(cfg.jars_dir)
     for sub in (KAFKA_SUBDIR, FLINK_SUBDIR):
         present = [p.name for p in _jars(jars_dir / sub)]
@@ -96,8 +105,9 @@ def _up_to_date(cfg: OnrampConfig, sha: str) -> str | None:
 
 def _check_layout(jars_dir: Path) -> None:
     missing = [g for g in KAFKA_REQUIRED_GLOBS if not list((jars_dir / KAFKA_SUBDIR).glob(g))]
-    if not list((jars_dir / FLINK_SUBDIR).glob(FLINK_CONNECTOR_GLOB)):
-        missing.append(f"{FLINK_SUBDIR}/{FLINK_CONNECTOR_GLOB}")
+    for glob in (FLINK_CONNECTOR_GLOB, FLINK_FUNCTIONS_GLOB):
+        if not list((jars_dir / FLINK_SUBDIR).glob(glob)):
+            missing.append(f"{FLINK_SUBDIR}/{glob}")
     if missing:
         raise ProvisionError(f"Maven finished but {jars_dir} lacks {', '.join(missing)}; check {POM}")
 
@@ -135,7 +145,7 @@ def _run_maven(mvn: str, jars_dir: Path) -> None:
         mvn, "-q", "-B", "-Dstyle.color=never", "-f", str(POM),
         f"-Donramp.jars.dir={jars_dir}", "package",
     ]
-    log.info("running Maven to fetch jars into %s (first run downloads ~60 MB)", jars_dir)
+    log.info("running Maven to fetch and build jars into %s (first run downloads ~70 MB)", jars_dir)
     log.debug("command: %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, cwd=POM.parent, capture_output=True, text=True, timeout=MVN_TIMEOUT_S)
@@ -160,15 +170,15 @@ def _run_maven(mvn: str, jars_dir: Path) -> None:
 
 
 def provision(cfg: OnrampConfig, *, force: bool = False) -> Provisioned:
-    """Make ``<jars_dir>/kafka`` and ``<jars_dir>/flink`` hold the jars pinned in jvm/pom.xml.
+    """Make ``<jars_dir>/kafka`` and ``<jars_dir>/flink`` hold the jars pinned and built by jvm/pom.xml.
 
-    Idempotent: when the stamp matches the pom's sha256 and the jars on disk, returns at once without Maven.
+    Idempotent: when the stamp matches the sha256 of jvm/ and the jars on disk, returns at once without Maven.
     """
     started = time.monotonic()
     jars_dir = Path(cfg.jars_dir).resolve()
     if not POM.is_file():
         raise ProvisionError(f"{POM} is missing; it pins the jars to fetch")
-    sha = pom_sha256()
+    sha = jvm_inputs_sha256()
     with _lock(jars_dir):
         reason = "forced" if force else _up_to_date(cfg, sha)
         if reason is None:
@@ -193,7 +203,7 @@ def provision(cfg: OnrampConfig, *, force: bool = False) -> Provisioned:
         _run_maven(mvn, jars_dir)
         _check_layout(jars_dir)
         stamp = {
-            "pom_sha256": sha,
+            "inputs_sha256": sha,
             "jars": {sub: [p.name for p in _jars(jars_dir / sub)] for sub in (KAFKA_SUBDIR, FLINK_SUBDIR)},
             "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -212,8 +222,8 @@ def _result(jars_dir: Path, sha: str, *, ran_maven: bool, started: float) -> Pro
     return Provisioned(
         jars_dir=jars_dir,
         kafka_jars=_jars(jars_dir / KAFKA_SUBDIR),
-        flink_jars=sorted((jars_dir / FLINK_SUBDIR).glob(FLINK_CONNECTOR_GLOB)),
-        pom_sha256=sha,
+        flink_jars=_flink_jars(jars_dir),
+        inputs_sha256=sha,
         ran_maven=ran_maven,
         seconds=time.monotonic() - started,
         stamp=jars_dir / STAMP_NAME,
@@ -222,18 +232,25 @@ def _result(jars_dir: Path, sha: str, *, ran_maven: bool, started: float) -> Pro
 
 def _require_provisioned(cfg: OnrampConfig) -> Path:
     jars_dir = Path(cfg.jars_dir).resolve()
-    reason = _up_to_date(cfg, pom_sha256())
+    reason = _up_to_date(cfg, jvm_inputs_sha256())
     if reason is not None:
         raise ProvisionError(f"jars in {jars_dir} are not provisioned ({reason}); {PROVISION_HINT}")
     return jars_dir
 
 
-def flink_connector_jars(cfg: OnrampConfig) -> list[Path]:
-    """Absolute paths of the connector jar(s) for PyFlink's ``pipeline.jars`` (as ``file://`` URLs: ``p.as_uri()``)."""
-    jars = sorted((_require_provisioned(cfg) / FLINK_SUBDIR).glob(FLINK_CONNECTOR_GLOB))
-    if not jars:
-        raise ProvisionError(f"no {FLINK_CONNECTOR_GLOB} in {Path(cfg.jars_dir) / FLINK_SUBDIR}; {PROVISION_HINT}")
-    return jars
+def _flink_jars(jars_dir: Path) -> list[Path]:
+    folder = jars_dir / FLINK_SUBDIR
+    return [jar for glob in (FLINK_CONNECTOR_GLOB, FLINK_FUNCTIONS_GLOB) for jar in sorted(folder.glob(glob))]
+
+
+def flink_job_jars(cfg: OnrampConfig) -> list[Path]:
+    """Absolute paths of the jars every Onramp job ships in ``pipeline.jars`` (as ``file://`` URLs:
+    ``p.as_uri()``): the Kafka connector and Onramp's SQL functions."""
+    folder = _require_provisioned(cfg) / FLINK_SUBDIR
+    for glob in (FLINK_CONNECTOR_GLOB, FLINK_FUNCTIONS_GLOB):
+        if not list(folder.glob(glob)):
+            raise ProvisionError(f"no {glob} in {folder}; {PROVISION_HINT}")
+    return _flink_jars(folder.parent)
 
 
 def kafka_classpath(cfg: OnrampConfig) -> str:
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("kafka classpath: %s", result.kafka_classpath)
     for jar in result.flink_jars:
-        log.info("flink connector: %s", jar)
+        log.info("flink job jar: %s", jar)
     return 0
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from jobs import provision as prov
-from jobs.config import load_config
+from jobs.config import REPO_ROOT, load_config
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,14 @@ def test_first_run_fetches_pinned_jars(provisioned):
     assert any(n.startswith("log4j-core-") for n in names)
     assert any(n.startswith("log4j-slf4j-impl-") for n in names)
     assert not any(n.startswith("flink-") for n in names), "the connector must not land on the broker classpath"
-    assert [p.name for p in result.flink_jars] == ["flink-sql-connector-kafka-5.0.0-2.2.jar"]
-    assert [p.name for p in (Path(cfg.jars_dir) / "flink").iterdir()] == ["flink-sql-connector-kafka-5.0.0-2.2.jar"]
+    expected = ["flink-sql-connector-kafka-5.0.0-2.2.jar", "onramp-flink-functions-0.1.0.jar"]
+    assert [p.name for p in result.flink_jars] == expected
+    assert sorted(p.name for p in (Path(cfg.jars_dir) / "flink").iterdir()) == expected
+    with zipfile.ZipFile(result.flink_jars[1]) as functions:
+        assert "io/onramp/flink/RoutingKey.class" in functions.namelist()
+    assert not (REPO_ROOT / "jvm" / "target").exists(), "Maven must build under the jars dir, not in the repo"
     stamp = json.loads(result.stamp.read_text())
-    assert stamp["pom_sha256"] == prov.pom_sha256()
+    assert stamp["inputs_sha256"] == prov.jvm_inputs_sha256()
     assert sorted(stamp["jars"]["kafka"]) == sorted(names)
 
 
@@ -52,7 +57,7 @@ def test_second_run_runs_no_maven(provisioned, monkeypatch):
 
 def test_accessors_return_provisioned_paths(provisioned):
     cfg, result = provisioned
-    jars = prov.flink_connector_jars(cfg)
+    jars = prov.flink_job_jars(cfg)
     assert jars == result.flink_jars and all(j.is_absolute() and j.is_file() for j in jars)
     assert jars[0].as_uri().startswith("file:///")
     cp = prov.kafka_classpath(cfg)
@@ -62,9 +67,18 @@ def test_accessors_return_provisioned_paths(provisioned):
 def test_accessors_raise_actionable_error_when_not_provisioned(tmp_path):
     cfg = load_config({"jars_dir": tmp_path / "empty"}, environ={})
     with pytest.raises(prov.ProvisionError, match=r"not provisioned.*python -m jobs\.provision"):
-        prov.flink_connector_jars(cfg)
+        prov.flink_job_jars(cfg)
     with pytest.raises(prov.ProvisionError, match="not provisioned"):
         prov.kafka_classpath(cfg)
+
+
+def test_inputs_hash_covers_the_java_sources(tmp_path):
+    jvm = tmp_path / "jvm"
+    (jvm / "src" / "main" / "java").mkdir(parents=True)
+    (jvm / "pom.xml").write_text("<project/>")
+    before = prov.jvm_inputs_sha256(jvm)
+    (jvm / "src" / "main" / "java" / "F.java").write_text("class F {}")
+    assert prov.jvm_inputs_sha256(jvm) != before
 
 
 def test_changed_pom_or_missing_jar_is_not_up_to_date(provisioned, tmp_path):
@@ -75,15 +89,15 @@ def test_changed_pom_or_missing_jar_is_not_up_to_date(provisioned, tmp_path):
         for jar in (Path(cfg.jars_dir) / sub).glob("*.jar"):
             (copy / sub / jar.name).symlink_to(jar)
     stamp = json.loads((Path(cfg.jars_dir) / prov.STAMP_NAME).read_text())
-    stamp["pom_sha256"] = "0" * 64
+    stamp["inputs_sha256"] = "0" * 64
     (copy / prov.STAMP_NAME).write_text(json.dumps(stamp))
     stale = load_config({"jars_dir": copy}, environ={})
-    with pytest.raises(prov.ProvisionError, match="pom.xml changed"):
-        prov.flink_connector_jars(stale)
+    with pytest.raises(prov.ProvisionError, match="pom.xml or jvm/src changed"):
+        prov.flink_job_jars(stale)
 
-    stamp["pom_sha256"] = prov.pom_sha256()
+    stamp["inputs_sha256"] = prov.jvm_inputs_sha256()
     (copy / prov.STAMP_NAME).write_text(json.dumps(stamp))
-    assert prov.flink_connector_jars(stale)
+    assert prov.flink_job_jars(stale)
     next((copy / "kafka").glob("kafka-clients-*.jar")).unlink()
     with pytest.raises(prov.ProvisionError, match="differ from the stamp"):
         prov.kafka_classpath(stale)

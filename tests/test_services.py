@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from jobs import kafka_admin, services
 from jobs.config import load_config
-from jobs.provision import flink_connector_jars, provision
+from jobs.provision import flink_job_jars, provision
 from jobs.services import ServiceError
 
 logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -222,7 +222,7 @@ def test_flink_run_python_jobs_in_thread_mode(cfg, tmp_path):
     producer.close()
 
     (tmp_path / "kafka_job.py").write_text(KAFKA_JOB)
-    jar = flink_connector_jars(cfg)[0].as_uri()
+    jar = flink_job_jars(cfg)[0].as_uri()
     run = _flink_run(cfg, "-py", str(tmp_path / "kafka_job.py"), cfg.bootstrap_servers, topic, jar)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "seen:ALPHA" in _tm_stdout(cfg) and "seen:BETA" in _tm_stdout(cfg)
