@@ -1,8 +1,8 @@
 """The benchmark's bare baseline: the least a keyed PyFlink job on the same input can do.
 
-Reads the same event bytes, keys by user with the same key selector as the personalize job, counts events in
-keyed state and writes ``event_id,count`` to Kafka, with exactly the Flink and Kafka settings of the personalize
-job. Throughput of the full job over this one shows what Onramp's own logic costs on the same machine and day.
+Reads the same event bytes through the same source (routing key computed in SQL, keyed in the JVM), counts
+events in keyed state and writes ``event_id,count`` to Kafka, with exactly the Flink and Kafka settings of the
+personalize job. Throughput of the full job over this one shows what Onramp's own logic costs on the same machine and day.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pyflink.datastream.state import ValueStateDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import load_config  # noqa: E402
-from jobs.personalize import config_from_json, create_env, kafka_records, kafka_sink  # noqa: E402
-from udfs.flink_functions import record_key  # noqa: E402
+from jobs.personalize import config_from_json, create_env, kafka_records, kafka_sink, key_by_routing_key  # noqa: E402
 from udfs.wire_peek import read_ids  # noqa: E402
 
 JOB_NAME = "onramp-bare-baseline"
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
     env = create_env(cfg, [Path(j) for j in args.jar])
     records = kafka_records(env, cfg, bounded=args.bounded)
-    out = records.key_by(record_key, key_type=Types.STRING()).process(CountPerUser(), output_type=BYTES).name("count")
+    out = key_by_routing_key(records).process(CountPerUser(), output_type=BYTES).name("count")
     out.sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink")
     env.execute(JOB_NAME)
 

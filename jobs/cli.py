@@ -149,7 +149,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     from jobs import flink_jobs, services
     from jobs.kafka_admin import ensure_topics
     from jobs.personalize import JOB_NAME
-    from jobs.provision import flink_connector_jars, provision
+    from jobs.provision import flink_job_jars, provision
     from udfs.model_bundle import load_current
 
     provision(cfg)
@@ -163,7 +163,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
         cfg,
         flink_bin=services.flink_bin(cfg),
         env=services.flink_env(cfg),
-        jars=flink_connector_jars(cfg),
+        jars=flink_job_jars(cfg),
         job_args=job_args,
     )
     flink_jobs.wait_running(cfg, job_id)
@@ -223,7 +223,7 @@ def cmd_bench(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 
     sizes = QUICK if args.quick else FULL
     changes = {k: v for k, v in (("rate", args.rate), ("duration_s", args.duration), ("backlog", args.backlog),
-                                 ("stage_events", args.stage_events)) if v is not None}
+                                 ("stage_events", args.stage_events), ("warmup_s", args.warmup)) if v is not None}
     sizes = dataclasses.replace(sizes, **changes)
     result = run_bench(cfg, sizes, stages_only=args.stages_only)
     if args.json:
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="seconds per latency run")
     p.add_argument("--backlog", type=int, help="events pre-loaded for the throughput runs")
     p.add_argument("--stage-events", type=int, help="events for the per-stage microbenchmark")
+    p.add_argument("--warmup", type=float, help="seconds produced at the rate before latency is measured "
+                   "(default 30, quick 15)")
     return parser
 
 

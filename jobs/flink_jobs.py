@@ -88,11 +88,17 @@ def wait_running(cfg: OnrampConfig, job_id: str, timeout_s: float = 120.0) -> No
 
 
 def wait_finished(cfg: OnrampConfig, job_id: str, timeout_s: float) -> str:
+    """Wait for a bounded job to end; returns its final state. A job that fails and restarts (which, under a
+    restart strategy, it may do forever) is cancelled and reported with its exception at once."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = rest(cfg, f"/jobs/{job_id}")["state"]
         if state in ("FAILED", "CANCELED", "FINISHED"):
             return state
+        if state in ("RESTARTING", "FAILING"):
+            reason = root_exception(cfg, job_id)
+            cancel(cfg, job_id)
+            raise FlinkJobError(f"job {job_id} failed while running (cancelled it): {reason}")
         time.sleep(0.25)
     raise FlinkJobError(f"job {job_id} did not finish within {timeout_s:.0f}s")
 

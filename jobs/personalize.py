@@ -1,10 +1,11 @@
 """The personalize job: onboarding events (Kafka, Avro) -> keyed per-user profile -> next-step decisions (Kafka).
 
-Graph (two Python operators, the minimum any keyed PyFlink job has):
+Graph (one Python operator; everything around it runs in the JVM):
 
-    Kafka (value, partition, offset) -> key_by(user id read off the wire) -> Personalize --(dead letters)--> KafkaSink(dead letters)
-                                                                   |
-                                                                   +--> KafkaSink(decisions)
+    Kafka SQL source (value, partition, offset, routing key = onramp_routing_key(value), Java)
+      -> key by routing key (JVM) -> Personalize (Python) --(dead letters)--> KafkaSink(dead letters)
+                                                |
+                                                +--> KafkaSink(decisions)
 
 Personalize decodes and validates each record once, then updates the profile, scores, and decides.
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from pyflink.common import Configuration, Types
 from pyflink.common.serialization import ByteArraySchema
-from pyflink.datastream import CheckpointingMode, DataStream, StreamExecutionEnvironment
+from pyflink.datastream import CheckpointingMode, DataStream, KeyedStream, StreamExecutionEnvironment
 from pyflink.datastream.connectors.base import DeliveryGuarantee
 from pyflink.datastream.connectors.kafka import (
     KafkaRecordSerializationSchema,
@@ -36,12 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import BYTES, DEAD_LETTERS, Personalize, read_bundle_files, record_key  # noqa: E402
+from udfs.flink_functions import BYTES, DEAD_LETTERS, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
 
 JOB_NAME = "onramp-personalize"
+# The Java SQL function that reads the user id off the wire (jvm/src/main/java/io/onramp/flink/RoutingKey.java).
+ROUTING_KEY_FUNCTION = "onramp_routing_key"
+ROUTING_KEY_CLASS = "io.onramp.flink.RoutingKey"
 
 
 def python_settings(cfg: OnrampConfig) -> dict[str, str]:
@@ -86,13 +90,27 @@ def resolve_bundle(cfg: OnrampConfig, bundle_path: Path | None = None) -> Path:
     return bundle.path
 
 
+def key_by_routing_key(records: DataStream) -> KeyedStream:
+    """Key a stream of :data:`ROUTED_RECORD` rows by their first field, in the JVM.
+
+    ``DataStream.key_by`` always inserts a Python operator that computes the key; this uses the same JVM key
+    selector PyFlink puts behind it (field 0 of a ``Row(key, record)``), so the key computed in SQL costs no
+    Python and the keyed function receives the record itself.
+    """
+    from pyflink.java_gateway import get_gateway
+
+    selector = get_gateway().jvm.KeyByKeySelector()
+    key_type = Types.ROW([Types.STRING()]).get_java_type_info()
+    return KeyedStream(records._j_data_stream.keyBy(selector, key_type), KAFKA_RECORD, records)
+
+
 def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> tuple[DataStream, DataStream]:
-    """Wire the Onramp operators onto a stream of ``Row(value, topic, partition, offset)`` (see
-    :data:`udfs.flink_functions.KAFKA_RECORD`); returns (decisions, dead letters), both encoded bytes."""
+    """Wire the Onramp operators onto a stream of :data:`ROUTED_RECORD` rows ``Row(routing_key, Row(value,
+    topic, partition, offset))``; returns (decisions, dead letters), both encoded bytes."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
     decisions = (
-        records.key_by(record_key, key_type=Types.STRING())
+        key_by_routing_key(records)
         .process(
             Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits),
             output_type=BYTES,
@@ -113,12 +131,15 @@ def _sql_string(value: str) -> str:
 
 
 def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded: bool = False) -> DataStream:
-    """The input topic as a stream of ``Row(value: bytes, topic, partition, offset)``.
+    """The input topic as a stream of :data:`ROUTED_RECORD` rows: ``Row(routing_key, Row(value, topic,
+    partition, offset))``.
 
     Read through the Kafka table connector with the ``raw`` format because its metadata columns carry each
     record's partition and offset, which dead letters must name; the DataStream KafkaSource exposes only a
-    value-only deserializer to Python. Same KafkaSource underneath: offsets are committed on checkpoints and the
-    job resumes from the group's committed offsets (earliest for a new group).
+    value-only deserializer to Python. The routing key (the user id read off the wire) is computed in the same
+    SQL by ``onramp_routing_key``, a Java function (jvm/src, shipped in ``pipeline.jars``), so no Python runs
+    before the keyed operator. Same KafkaSource underneath: offsets are committed on checkpoints and the job
+    resumes from the group's committed offsets (earliest for a new group).
     """
     options = {
         "connector": "kafka",
@@ -136,13 +157,22 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
     for key, value in kafka_properties(cfg).items():
         options[f"properties.{key}"] = value
     t_env = StreamTableEnvironment.create(env)
+    t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
         "CREATE TEMPORARY TABLE onboarding_events (`value` BYTES, `topic` STRING METADATA VIRTUAL, "
         "`partition` INT METADATA VIRTUAL, `offset` BIGINT METADATA VIRTUAL) WITH ("
         + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
         + ")"
     )
-    return t_env.to_data_stream(t_env.from_path("onboarding_events"))
+    routed = t_env.sql_query(
+        f"SELECT {ROUTING_KEY_FUNCTION}(`value`) AS routing_key, "
+        "ROW(`value`, `topic`, `partition`, `offset`) AS record FROM onboarding_events"
+    )
+    stream = t_env.to_data_stream(routed)
+    # toDataStream types its rows as ExternalTypeInfo, which the keyed Python operator cannot read (it casts its
+    # input type to RowTypeInfo); the rows themselves are plain Rows, so declare the equivalent RowTypeInfo.
+    stream._j_data_stream.getTransformation().setOutputType(ROUTED_RECORD.get_java_type_info())
+    return stream
 
 
 def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
@@ -152,7 +182,7 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
         .set_record_serializer(
             KafkaRecordSerializationSchema.builder().set_topic(topic).set_value_serialization_schema(ByteArraySchema()).build()
         )
-        .set_property("linger.ms", "0")
+        .set_property("linger.ms", str(cfg.sink_linger_ms))
     )
     if cfg.delivery == "exactly-once":
         builder.set_delivery_guarantee(DeliveryGuarantee.EXACTLY_ONCE)

@@ -30,16 +30,16 @@ def _run_on_minicluster(cfg, payloads: list[bytes], bundle_path: Path) -> list[b
     from pyflink.common import Row
 
     from jobs.personalize import build_pipeline, create_env
-    from udfs.flink_functions import KAFKA_RECORD
+    from udfs.flink_functions import ROUTED_RECORD, routed
 
     env = create_env(cfg)
     # from_collection cannot carry byte[] in PyFlink 2.2 (ClassCastException in PythonBridgeUtils); carry the
-    # payloads as latin-1 strings with their offset and build the Kafka-shaped rows in a chained map.
+    # payloads as latin-1 strings with their offset and build the routed Kafka-shaped rows in a chained map.
     topic = cfg.input_topic
     records = env.from_collection(
         [(offset, p.decode("latin-1")) for offset, p in enumerate(payloads)],
         type_info=Types.TUPLE([Types.LONG(), Types.STRING()]),
-    ).map(lambda t: Row(t[1].encode("latin-1"), topic, 0, t[0]), output_type=KAFKA_RECORD)
+    ).map(lambda t: routed(Row(t[1].encode("latin-1"), topic, 0, t[0])), output_type=ROUTED_RECORD)
     decisions, dead_letters = build_pipeline(records, cfg, bundle_path=bundle_path)
     with decisions.union(dead_letters).execute_and_collect("onramp-minicluster-test") as results:
         return [bytes(b % 256 for b in value) for value in results]
@@ -77,3 +77,40 @@ def test_keyed_job_decides_every_valid_event_and_dead_letters_the_rest(trained_m
     for decision in decisions:
         want = expected[decision["event_id"]]
         assert {**decision, "decided_at": 0, "churn_risk": pytest.approx(want["churn_risk"], abs=1e-6)} == want
+
+
+def test_java_routing_key_agrees_with_the_python_one():
+    """The Kafka source keys by ``onramp_routing_key`` (Java, jvm/src); the offline code and tests use
+    udfs.wire_peek.routing_key. Both must route every payload, valid or broken, to the same user."""
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from jobs.personalize import ROUTING_KEY_CLASS, ROUTING_KEY_FUNCTION
+    from jobs.provision import flink_job_jars
+    from jobs.python_env import ensure_embedded_python_path
+    from tests.conftest import make_event
+    from udfs.wire_peek import routing_key
+
+    codec = event_codec()
+    valid = codec.encode(make_event(user_id="ü-user-" + "x" * 70))  # multi-byte UTF-8, two-byte varint length
+    payloads = [
+        valid,
+        codec.encode(make_event(user_id="u-1")),
+        codec.encode(make_event(user_id="")),
+        valid[:12],  # cut inside the first string
+        b"\x00\x01" + valid[2:],  # not single-object encoded
+        b"",
+        valid[:10] + b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # runaway varint
+        valid[:10] + b"\x03abc",  # negative length
+        *(malformed_event(kind) for kind in MALFORMED_KINDS),
+    ]
+    ensure_embedded_python_path()
+    t_env = TableEnvironment.create(EnvironmentSettings.in_batch_mode())
+    t_env.get_config().set("pipeline.jars", ";".join(j.as_uri() for j in flink_job_jars(load_config())))
+    t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
+    values = ", ".join(f"({i}, X'{p.hex()}')" for i, p in enumerate(payloads))
+    rows = t_env.execute_sql(
+        f"SELECT i, {ROUTING_KEY_FUNCTION}(p) FROM (VALUES {values}) AS t(i, p)"
+    ).collect()
+    with rows:
+        java = {row[0]: row[1] for row in rows}
+    assert java == {i: routing_key(p) for i, p in enumerate(payloads)}

@@ -27,15 +27,20 @@ BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
 # One input record: the Kafka value and where it was read (for dead letters).
 KAFKA_RECORD = Types.ROW_NAMED(["value", "topic", "partition", "offset"], [BYTES, Types.STRING(), Types.INT(), Types.LONG()])
+# What the keyed operator's input carries: the user id to key by (read off the wire) and the record.
+ROUTED_RECORD = Types.ROW_NAMED(["routing_key", "record"], [Types.STRING(), KAFKA_RECORD])
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def record_key(record: Any) -> str:
-    """Key selector: the user id read off the wire of ``record.value`` ("" if unreadable)."""
-    return routing_key(record[0])
+def routed(record: Any) -> Any:
+    """``Row(routing_key, record)`` for a :data:`KAFKA_RECORD` built in Python (tests, custom sources); the Kafka
+    source computes the same key in SQL with the Java twin of :func:`udfs.wire_peek.routing_key`."""
+    from pyflink.common import Row
+
+    return Row(routing_key(record[0]), record)
 
 
 def dead_letter_bytes(original: bytes, topic: str, partition: int, offset: int, code: str, message: str,
@@ -69,12 +74,12 @@ def materialize_bundle(files: dict[str, bytes]) -> Path:
 
 
 class Personalize(KeyedProcessFunction):
-    """Keyed by user (:func:`record_key`) over ``KAFKA_RECORD`` rows: decode and validate the event,
+    """Keyed by user (the routing key) over ``KAFKA_RECORD`` rows: decode and validate the event,
     fold it into the profile state, score it, emit the encoded decision; anything invalid or failing goes to
     the ``DEAD_LETTERS`` side output with its reason.
 
-    Decoding here rather than in an operator of its own keeps the job at the two Python operators any keyed
-    PyFlink job has (key selector, keyed function) and ships raw bytes, not pickled dicts, across the shuffle.
+    Decoding here rather than in an operator of its own keeps the job at one Python operator (the key is
+    computed in the JVM) and ships raw bytes, not pickled dicts, across the shuffle.
     """
 
     def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
