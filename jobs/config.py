@@ -51,6 +51,8 @@ class OnrampConfig:
     # Validation of incoming events
     max_future_skew_ms: int = 5 * 60 * 1000
     max_event_age_ms: int = 365 * 24 * 3600 * 1000
+    # Hot reload: how often (processing time) each operator instance checks <model_dir>/CURRENT; 0 disables
+    model_reload_interval_ms: int = 1000
     # Profile and interest scoring
     interest_half_life_hours: float = 72.0
     # Files
@@ -73,7 +75,8 @@ class OnrampConfig:
         for name in ("parallelism", "topic_partitions", "bundle_size", "checkpoint_interval_ms"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms"):
+        for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms",
+                     "model_reload_interval_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):

@@ -112,7 +112,8 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     decisions = (
         key_by_routing_key(records)
         .process(
-            Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits),
+            Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits,
+                        model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms),
             output_type=BYTES,
         )
         .uid("personalize")

@@ -62,3 +62,48 @@ def test_events_in_decisions_and_dead_letters_out(live_services):
     assert any(d["personalized"] for d in decisions)
     assert all(d["rules_version"] and d["model_version"] != "none" for d in decisions)
     assert not flink_jobs.running_jobs(cfg, JOB_NAME)
+
+
+def test_running_job_switches_model_version_mid_stream(live_services, tmp_path):
+    """Hot reload on the real cluster: decisions before the registry's CURRENT moves name version A, decisions for
+    events sent after it moved (and one reload interval passed) name version B; none is lost."""
+    import shutil
+    import time
+
+    from models import registry
+    from tests.test_model_watch import _copy_version
+
+    model_dir = tmp_path / "models"
+    shutil.copytree(live_services.model_dir, model_dir)
+    a = registry.current_version(model_dir)
+    b = _copy_version(model_dir, a, "m-20990101-000000-0000000b")
+    cfg = dataclasses.replace(
+        live_services,
+        model_dir=model_dir,
+        model_reload_interval_ms=300,
+        input_topic="reload-events",
+        decisions_topic="reload-decisions",
+        dead_letter_topic="reload-dead-letters",
+        group_id="reload",
+    )
+    events = generated_events(20, seed=9)
+    half = len(events) // 2
+    codec = decision_codec()
+    job_id = submit_job(cfg)
+    try:
+        producer = make_producer(cfg)
+        produce(producer, cfg.input_topic, encode_events(events[:half]))
+        first = [codec.decode(r.value) for r in read_records(cfg, cfg.decisions_topic, max_records=half, timeout_s=90)]
+        registry.set_current(model_dir, b)
+        time.sleep(1.0)  # > one reload interval of processing time
+        produce(producer, cfg.input_topic, encode_events(events[half:]))
+        producer.close()
+        everything = [codec.decode(r.value) for r in
+                      read_records(cfg, cfg.decisions_topic, max_records=len(events), timeout_s=90)]
+    finally:
+        flink_jobs.cancel(cfg, job_id)
+
+    assert len(first) == half and {d["model_version"] for d in first} == {a}
+    second = everything[half:]
+    assert Counter(d["event_id"] for d in everything) == Counter(e["event_id"] for e in events)
+    assert {d["model_version"] for d in second} == {b}

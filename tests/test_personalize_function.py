@@ -6,10 +6,13 @@ with code processing_error, and the next event is decided as usual.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pyflink.common import Row
 
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
 from udfs.flink_functions import DEAD_LETTERS, Personalize
+from udfs.model_watch import BundleWatcher
 from udfs.personalizer import Personalizer
 from udfs.validation import ValidationLimits
 
@@ -53,6 +56,8 @@ def _function(scorer=None) -> Personalize:
     fn.event_codec = event_codec()
     fn.dlq_codec = dead_letter_codec()
     fn.decisions, fn.rejected, fn.failures = FakeCounter(), FakeCounter(), FakeCounter()
+    fn.reloads, fn.reload_refusals = FakeCounter(), FakeCounter()
+    fn.watcher = BundleWatcher(Path("."), 0, scorer.version if scorer else None)  # hot reload off
     return fn
 
 

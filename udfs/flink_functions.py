@@ -17,6 +17,7 @@ from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
+from udfs.model_watch import BundleWatcher
 from udfs.profile_state import profile_from_state, profile_to_state
 from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
 from udfs.wire_peek import routing_key
@@ -83,13 +84,16 @@ class Personalize(KeyedProcessFunction):
     """
 
     def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
-                 limits: ValidationLimits):
+                 limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0):
         self.bundle_files = bundle_files
         self.half_life_ms = half_life_ms
         self.input_topic = input_topic
         self.limits = limits
+        self.model_dir = model_dir
+        self.reload_interval_ms = reload_interval_ms if model_dir else 0
         self.personalizer = None
         self.profile_state = None
+        self.watcher = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
         from udfs.model_bundle import ModelBundle  # onnxruntime only where it is used
@@ -98,6 +102,8 @@ class Personalize(KeyedProcessFunction):
         bundle = ModelBundle.load(materialize_bundle(self.bundle_files)) if self.bundle_files else None
         log.info("personalize: model bundle %s", bundle.version if bundle else "none")
         self.personalizer = Personalizer(bundle, self.half_life_ms)
+        self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
+                                     bundle.version if bundle else None, self.half_life_ms / 3_600_000.0)
         self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))
         self.encode = decision_codec().encode
         self.event_codec = event_codec()
@@ -106,11 +112,16 @@ class Personalize(KeyedProcessFunction):
         self.decisions = metrics.counter("decisions")
         self.rejected = metrics.counter("dead_letters")
         self.failures = metrics.counter("processing_errors")
+        self.reloads = metrics.counter("model_reloads")
+        self.reload_refusals = metrics.counter("model_reload_refusals")
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         value = record[0]
+        now_ms = _now_ms()
+        if self.watcher.due(now_ms):
+            self._follow_registry(now_ms)
         try:
-            event = decode_event(self.event_codec, value, _now_ms(), self.limits)
+            event = decode_event(self.event_codec, value, now_ms, self.limits)
         except InvalidEvent as exc:
             self.rejected.inc()
             yield DEAD_LETTERS, self._dead_letter(record, exc.code, exc.message)
@@ -132,6 +143,16 @@ class Personalize(KeyedProcessFunction):
             return
         self.decisions.inc()
         yield out
+
+    def _follow_registry(self, now_ms: int) -> None:
+        """Swap the scorer between two events when the registry's CURRENT moved (see udfs/model_watch.py)."""
+        refused_before = len(self.watcher.refused)
+        bundle = self.watcher.poll(now_ms)
+        if bundle is not None:
+            self.personalizer.scorer = bundle
+            self.reloads.inc()
+        if len(self.watcher.refused) > refused_before:
+            self.reload_refusals.inc()
 
     def _dead_letter(self, record: Any, code: str, message: str) -> bytes:
         return dead_letter_bytes(record[0], record[1] or self.input_topic, record[2], record[3], code, message,
