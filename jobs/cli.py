@@ -2,6 +2,7 @@
 
     onramp up                 start local Kafka (KRaft) + a standalone Flink cluster (fetches jars first)
     onramp train              train personas + churn model on generated history, publish an ONNX bundle
+    onramp models ...         list / show / promote / rollback the published model bundles
     onramp submit             submit the personalize job (`flink run -py jobs/personalize.py`)
     onramp produce            send generated onboarding events to the input topic at a given rate
     onramp consume            print decisions (or --dead-letters) as JSON lines
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from jobs.config import ConfigError, OnrampConfig, load_config
@@ -118,11 +120,40 @@ def cmd_status(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_history(cfg: OnrampConfig, args: argparse.Namespace) -> Any:
+    """The history ``train`` reads (None: the synthetic generator): Avro files, or a topic's time range."""
+    import time
+
+    from models import history
+
+    if args.from_avro:
+        batch = history.read_avro_files([Path(p) for p in args.from_avro])
+    elif args.from_topic:
+        from_ms, to_ms = args.from_ms, args.to_ms
+        if args.days is not None:
+            from_ms, to_ms = history.window_for(args.days, time.time_ns() // 1_000_000)
+        batch = history.read_kafka_topic(cfg, args.from_topic, from_ms, to_ms, timeout_s=args.read_timeout)
+    else:
+        return None
+    log.info("training history: %d valid events, skipped %s, window %s", len(batch.events),
+             batch.skipped or "none", batch.data_window)
+    return batch
+
+
 def cmd_train(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from models.training import train_and_publish
 
-    manifest = train_and_publish(cfg, n_users=args.users, seed=args.seed, force=args.force)
-    print(json.dumps({k: manifest[k] for k in ("version", "metrics") if k in manifest}, indent=2, default=str))
+    # One flag for "do it anyway": with the same data nothing is retrained (so the gate never runs); with other
+    # data retraining happens regardless, so --force only changes something by overriding the gate.
+    history = _training_history(cfg, args)
+    if history is not None and not history.events:
+        log.error("no valid events to train on in %s (skipped: %s)", history.source, history.skipped or "none")
+        return 1
+    manifest = train_and_publish(cfg, n_users=args.users, seed=args.seed, force=args.force, allow_worse=args.force,
+                                 events=history.events if history else None,
+                                 source=history.summary() if history else None)
+    shown = {k: manifest[k] for k in ("version", "metrics", "quality_gate") if k in manifest}
+    print(json.dumps(shown, indent=2, default=str))
     return 0
 
 
@@ -234,7 +265,223 @@ def cmd_bench(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     return 0 if result.get("counts_ok", True) else 1
 
 
+# --- models (the registry) ------------------------------------------------------------------------------------
+
+
+def _num(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _utc_day(ms: int | None) -> str:
+    from datetime import datetime, timezone
+
+    return "?" if ms is None else f"{datetime.fromtimestamp(ms / 1000, timezone.utc):%Y-%m-%d}"
+
+
+def _window(data_window: dict[str, int] | None) -> str:
+    if not data_window:
+        return "-"
+    return f"{_utc_day(data_window.get('from_ms'))}..{_utc_day(data_window.get('to_ms'))}"
+
+
+def _created(created_at: str | None) -> str:
+    return "-" if not created_at else created_at.replace("T", " ").removesuffix("+00:00")
+
+
+def _gate_word(passed: bool | None) -> str:
+    """The gate's verdict on a published bundle: a failed gate on a published bundle means --force overrode it."""
+    return {None: "-", True: "passed", False: "overridden"}.get(passed, "?")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = [header, *rows]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def cmd_models_list(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from models.registry import describe_versions
+
+    versions = describe_versions(cfg.model_dir)
+    if args.json:
+        print(json.dumps([v.to_dict() for v in versions], indent=2))
+        return 0
+    if not versions:
+        log.info("no model bundles in %s; `onramp train` publishes one", cfg.model_dir)
+        return 0
+    header = ["", "VERSION", "CREATED (UTC)", "PARENT", "DATA (UTC)", "K", "SILHOUETTE", "ARI", "CHURN AUC", "LOG-LOSS",
+              "GATE"]
+    rows = [
+        ["*" if v.is_current else "", v.version, _created(v.created_at), v.parent_version or "-",
+         _window(v.data_window), _num(v.k, "d"), _num(v.silhouette), _num(v.ari_vs_personas), _num(v.churn_auc),
+         _num(v.churn_log_loss),
+         _gate_word(v.quality_gate_passed) + (f"  !! {v.problem}" if v.problem else "")]
+        for v in versions
+    ]
+    print(_table(header, rows))
+    return 0
+
+
+def _describe_check(check: dict[str, Any]) -> str:
+    from models.quality_gate import GateCheck
+
+    try:
+        return GateCheck(**check).describe()
+    except (TypeError, ValueError):  # written by another version of the gate: show it as it is
+        return json.dumps(check)
+
+
+def _render_manifest(manifest: dict[str, Any], current: str | None) -> str:
+    """The parts of a manifest a person reads: identity, lineage, data, quality, segments (--json has it all)."""
+    metrics = manifest.get("metrics") or {}
+    seg, churn = metrics.get("segmentation") or {}, metrics.get("churn") or {}
+    source = (manifest.get("training") or {}).get("source") or {}
+    version = manifest.get("version", "?")
+    lines = [
+        f"version        {version}{'  (current)' if version == current else ''}",
+        f"created        {_created(manifest.get('created_at'))} UTC",
+        f"parent         {manifest.get('parent_version') or '-'}",
+        f"data window    {_window(manifest.get('data_window'))} UTC, {metrics.get('events', '?')} events of "
+        f"{metrics.get('users', '?')} users",
+        f"trained on     {', '.join(f'{k}={v}' for k, v in source.items()) or '-'}",
+        f"sha256         {manifest.get('sha256', '-')}",
+        f"segmentation   k={_num(seg.get('k'), 'd')}  silhouette={_num(seg.get('silhouette'))}  "
+        f"ARI vs personas={_num(seg.get('ari_vs_personas'))}",
+        f"churn          {churn.get('model') or manifest.get('churn_model') or '-'}  AUC={_num(churn.get('auc'))}  "
+        f"log-loss={_num(churn.get('log_loss'))}  Brier={_num(churn.get('brier'))}  "
+        f"holdout rows={churn.get('holdout_rows', '-')}",
+    ]
+    gate = manifest.get("quality_gate")
+    if isinstance(gate, dict):
+        verdict = _gate_word(gate.get("passed")) + (f" vs {gate['compared_with']}" if gate.get("compared_with") else
+                                                   " (nothing to compare with)")
+        lines.append(f"quality gate   {verdict}")
+        lines += [f"  {_describe_check(check)}" for check in gate.get("checks", [])]
+    segments = manifest.get("segments") or []
+    if segments:
+        lines.append("segments")
+        for s in segments:
+            churn_rate = s.get("churn_rate")
+            lines.append(f"  {s.get('id')}  {s.get('name')}  ({s.get('size', '?')} users"
+                         + (f", churn {churn_rate:.0%}" if churn_rate is not None else "") + ")")
+            lines.append(f"     {s.get('description', '')}")
+    return "\n".join(lines)
+
+
+def cmd_models_show(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from models import registry
+
+    manifest = registry.manifest_of(cfg.model_dir, args.version)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(_render_manifest(manifest, registry.current_version(cfg.model_dir)))
+    return 0
+
+
+def _switch(cfg: OnrampConfig, args: argparse.Namespace, version: str) -> int:
+    """Make ``version`` current once it loads like the job would load it (sha256, feature list, half-life): a
+    running job refuses a bundle it cannot load, and CURRENT would then name a bundle nothing runs."""
+    from models import registry
+    from udfs.model_bundle import ModelBundle
+
+    ModelBundle.load(registry.require_version(cfg.model_dir, version), half_life_hours=cfg.interest_half_life_hours)
+    previous = registry.current_version(cfg.model_dir)
+    registry.set_current(cfg.model_dir, version)
+    if args.json:
+        print(json.dumps({"current": version, "previous": previous}))
+    else:
+        print(version)
+    interval = cfg.model_reload_interval_ms
+    log.info("CURRENT in %s: %s -> %s; %s", cfg.model_dir, previous or "-", version,
+             f"a running job switches within ~{interval} ms if its TaskManagers can read this directory, otherwise "
+             "at the next `onramp submit`" if interval else "a running job switches at the next `onramp submit`")
+    return 0
+
+
+def cmd_models_promote(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    return _switch(cfg, args, args.version)
+
+
+def cmd_models_rollback(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from models import registry
+
+    return _switch(cfg, args, registry.rollback_target(cfg.model_dir, args.to))
+
+
 # --- parser ---------------------------------------------------------------------------------------------------
+
+
+def _train_help() -> str:
+    from models.quality_gate import GateTolerance
+
+    tol = GateTolerance()
+    limits = (f"churn AUC -{tol.churn_auc_drop:g}, churn log-loss +{tol.churn_log_loss_rise:g}, "
+              f"segmentation silhouette -{tol.silhouette_drop:g}")
+    return f"""train K-means personas + churn model and publish an ONNX bundle (it becomes the current one)
+
+Quality gate: the new bundle is published only if its holdout metrics are not worse than the current
+bundle's by more than: {limits}
+(a metric missing on either side is skipped). Otherwise nothing is published and the command fails naming
+the metric; --force publishes anyway. The verdict is kept in the manifest (`onramp models show`);
+`onramp models rollback` undoes a publish.
+
+History: the synthetic generator by default (--users, --seed), or real events:
+  onramp train --from-avro exports/2026-11/            Avro container files of OnboardingEvents
+  onramp train --from-topic onboarding-events --days 30   the topic's last 30 days, by record timestamp
+Invalid records are skipped and counted by reason (the same validation as the stream). Churn labels: no
+onboarding_completed within churn_horizon_hours (default 96) of signup. Segment ids are matched to the current
+bundle's centroids, so a segment keeps its id (and rules on it their meaning) across retrains.
+
+Scheduled retraining: run the topic form from cron or an orchestrator, e.g. nightly on a 30-day window:
+  15 2 * * *  cd /opt/onramp && .venv/bin/onramp train --from-topic onboarding-events --days 30
+A worse model fails the run (exit 1) and changes nothing; a running job picks up a published one by itself.
+"""
+
+_MODELS_HELP = """manage the model registry: one directory per published bundle under --model-dir, and a CURRENT
+file naming the bundle `onramp submit` ships with the job
+
+  onramp models list                  every published version, oldest first; * marks the current one
+  onramp models show [VERSION]        a bundle's manifest (default: the current one); --json for all of it
+  onramp models promote VERSION       make an already published version current
+  onramp models rollback [--to V]     make the current bundle's parent (the bundle it replaced) current again
+
+`onramp train` publishes a new version and makes it current, unless the quality gate finds it worse than the
+current one (see `onramp train --help`). promote and rollback first check that the bundle loads as the job
+would load it. A running job follows CURRENT (every model_reload_interval_ms) when its TaskManagers can read
+--model-dir; otherwise it switches at the next `onramp submit`.
+"""
+
+
+def _add_models_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """`onramp models <action>`; the configuration flags go on each action (`onramp models list --model-dir X`)."""
+    group = sub.add_parser("models", help="list, show, promote or roll back published model bundles",
+                           description=_MODELS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = group.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    json_help = "machine-readable output"
+    p = add("list", cmd_models_list, "every published version, oldest first, with the current one marked (*)",
+            description="every published version, oldest first (* marks the current one): created time,\n"
+                        "parent version (the bundle it replaced), data window, k, silhouette, ARI vs the\n"
+                        "generator's personas, churn AUC and log-loss on the holdout, and the quality gate's\n"
+                        "verdict (passed, overridden with `train --force`, or - for bundles published before it)",
+            under=actions)
+    p.add_argument("--json", action="store_true", help=json_help + " (one object per version)")
+    p = add("show", cmd_models_show, "a bundle's manifest, readable (default: the current bundle)", under=actions)
+    p.add_argument("version", nargs="?", metavar="VERSION", help="version to show (default: the current one)")
+    p.add_argument("--json", action="store_true", help="the whole manifest as stored (calibration, timings, ...)")
+    p = add("promote", cmd_models_promote, "make an already published version current",
+            description="make an already published version current (`onramp models list` shows them), after\n"
+                        "checking it loads as the job would load it (sha256, feature list, interest half-life)",
+            under=actions)
+    p.add_argument("version", metavar="VERSION", help="a published version, e.g. m-20261129-224512-1a2b3c4d")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p = add("rollback", cmd_models_rollback, "make the bundle the current one replaced current again",
+            description="make the current bundle's parent_version (the bundle that was current when it was\n"
+                        "published) current again; repeat to walk further back along the parents, or pick any\n"
+                        "published version with --to. The target is checked to load as the job would load it",
+            under=actions)
+    p.add_argument("--to", metavar="VERSION", help="roll back to this published version instead of the parent")
+    p.add_argument("--json", action="store_true", help=json_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,8 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[[OnrampConfig, argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, func: Callable[[OnrampConfig, argparse.Namespace], int], help_text: str, *,
+            description: str | None = None, under: Any = sub) -> argparse.ArgumentParser:
+        p = under.add_parser(name, help=help_text, description=description or help_text,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_flags(p)
         p.set_defaults(func=func)
         return p
@@ -259,10 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", cmd_down, "stop the local services that `up` started (and nothing else)")
     p = add("status", cmd_status, "show local services and Flink jobs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("train", cmd_train, "train K-means personas + churn model and publish an ONNX bundle")
+    p = add("train", cmd_train, "train K-means personas + churn model and publish an ONNX bundle",
+            description=_train_help())
     p.add_argument("--users", type=int, default=2000, help="generated users to train on (default 2000)")
-    p.add_argument("--seed", type=int, default=7, help="generator seed")
-    p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
+    p.add_argument("--seed", type=int, default=7, help="generator seed (also seeds the model fits)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--from-avro", nargs="+", metavar="PATH",
+                        help="train on Avro container files of OnboardingEvents (directories: their *.avro files)")
+    source.add_argument("--from-topic", metavar="TOPIC",
+                        help="train on a Kafka topic of OnboardingEvents, by record timestamp (see --days)")
+    p.add_argument("--days", type=float, help="with --from-topic: the last N days (a rolling window, for cron)")
+    p.add_argument("--from-ms", type=int, help="with --from-topic: window start, epoch ms (inclusive)")
+    p.add_argument("--to-ms", type=int, help="with --from-topic: window end, epoch ms (exclusive)")
+    p.add_argument("--read-timeout", type=float, default=300.0, help="with --from-topic: seconds to read the window")
+    p.add_argument("--force", action="store_true",
+                   help="retrain even if the current bundle was trained on the same data and settings, and publish "
+                        "even if the quality gate finds the new model worse than the current one")
+    _add_models_commands(sub, add)
     p = add("submit", cmd_submit, "submit the personalize job to the Flink cluster (replaces a running one)")
     p.add_argument("--keep-running", action="store_true", help="do not cancel an already running Onramp job")
     p = add("produce", cmd_produce, "send generated onboarding events to the input topic")
@@ -293,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
+# (subclasses included) so this module need not import every package to recognise them.
+_KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError",
+                 "QualityGateError")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -311,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line for known failures; the trace only with -v
-        known = type(exc).__name__ in ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError")
+        known = any(cls.__name__ in _KNOWN_ERRORS for cls in type(exc).__mro__)
         if known and not args.verbose:
             log.error("%s", exc)
             return 1

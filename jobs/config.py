@@ -55,6 +55,8 @@ class OnrampConfig:
     model_reload_interval_ms: int = 1000
     # Profile and interest scoring
     interest_half_life_hours: float = 72.0
+    # Training labels: a user churned if no onboarding_completed came within this long after signup
+    churn_horizon_hours: float = 96.0
     # Files
     state_dir: Path = REPO_ROOT / ".onramp"
     jars_dir: Path = REPO_ROOT / ".cache" / "jars"
@@ -84,6 +86,8 @@ class OnrampConfig:
                 problems.append(f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
         if self.interest_half_life_hours <= 0:
             problems.append("interest_half_life_hours must be > 0")
+        if self.churn_horizon_hours <= 0:
+            problems.append("churn_horizon_hours must be > 0")
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers must not be empty")
         if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:

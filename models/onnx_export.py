@@ -3,18 +3,20 @@
 Graph (one ``run()`` computes everything)::
 
     features float32 [N, F] --Gather(segment columns)--> standardize -> squared distances to centroids
-                          |                                     --> ArgMin --> segment int64 [N]
+                          |                                     --> ArgMin [-> Gather(ids)] --> segment int64 [N]
                           |                                     `-> Sqrt   --> distances float32 [N, k]
                           `--> churn classifier (skl2onnx, raw score) -> Platt sigmoid --> churn float32 [N]
 
 The churn classifier (logistic regression pipeline or histogram gradient boosting) is converted with skl2onnx;
 the segmentation part (8 nodes) and the calibration head are built here (see :func:`_segment_branch` and
-:func:`_churn_branch` for why). Nodes nobody's output needs are dropped.
+:func:`_churn_branch` for why). Nodes nobody's output needs are dropped. ``segment`` is the segment's stable
+id (:mod:`models.segment_ids`): the cluster index itself for a first model, looked up in an id table when a
+retrain kept its parent's ids and those are not 0..k-1.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -96,13 +98,32 @@ def _churn_branch(model: Any, n_features: int) -> tuple[onnx.ModelProto, list[on
     return churn, nodes, init
 
 
-def _segment_branch(pipeline: Any, segment_index: list[int]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _checked_segment_ids(segment_ids: Sequence[int] | None, k: int) -> list[int] | None:
+    """The cluster -> stable id table, or None when it is the identity (no lookup node needed).
+
+    Ids must be distinct, non-negative and ascending: cluster ``i`` (``distances`` column ``i``) is the one with
+    the ``i``-th smallest id (see :mod:`models.segment_ids`).
+    """
+    if segment_ids is None:
+        return None
+    ids = [int(i) for i in segment_ids]
+    if len(ids) != k or any(i < 0 for i in ids) or any(a >= b for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"segment ids must be {k} distinct non-negative integers in ascending (cluster) order, got {ids}")
+    return None if ids == list(range(k)) else ids
+
+
+def _segment_branch(
+    pipeline: Any, segment_index: list[int], segment_ids: Sequence[int] | None = None
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes computing ``segment`` and ``distances`` from ``features`` for Pipeline(StandardScaler, KMeans).
+
+    ``segment_index``: the columns of ``features`` the pipeline reads. ``segment_ids``: stable id of each
+    cluster; when they are not 0..k-1 the nearest cluster's position is mapped to its id by one ``Gather``.
 
     Built by hand rather than with skl2onnx's KMeans converter: that one expands ``|z|^2 - 2 z.c + |c|^2`` in
     float32, which cancels to a small negative number -- and ``Sqrt`` to NaN -- for a point sitting on a
     centroid (seen with small training sets). Here the differences are squared directly: never negative, and
-    closer to scikit-learn's float64 result. 8 nodes.
+    closer to scikit-learn's float64 result. 8 nodes (9 with the id lookup).
     """
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import StandardScaler
@@ -111,6 +132,7 @@ def _segment_branch(pipeline: Any, segment_index: list[int]) -> tuple[list[onnx.
     if len(steps) != 2 or not isinstance(steps[0], StandardScaler) or not isinstance(steps[1], KMeans):
         raise TypeError(f"expected Pipeline(StandardScaler, KMeans), got {pipeline!r}")
     scaler, kmeans = steps
+    ids = _checked_segment_ids(segment_ids, kmeans.n_clusters)
     mean = scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)
     scale = scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)
     init = [
@@ -127,20 +149,25 @@ def _segment_branch(pipeline: Any, segment_index: list[int]) -> tuple[list[onnx.
         helper.make_node("Unsqueeze", ["seg_z", "seg_axis1"], ["seg_z3"], name="seg_unsqueeze"),  # [N, 1, Fs]
         helper.make_node("Sub", ["seg_z3", "seg_centers"], ["seg_diff"], name="seg_diff"),  # [N, k, Fs]
         helper.make_node("ReduceSumSquare", ["seg_diff"], ["seg_sq"], axes=[2], keepdims=0, name="seg_sq"),  # [N, k]
-        helper.make_node("ArgMin", ["seg_sq"], ["segment"], axis=1, keepdims=0, name="seg_argmin"),
+        helper.make_node("ArgMin", ["seg_sq"], ["seg_position" if ids else "segment"], axis=1, keepdims=0, name="seg_argmin"),
         helper.make_node("Sqrt", ["seg_sq"], ["distances"], name="seg_sqrt"),
     ]
+    if ids:
+        init.append(numpy_helper.from_array(np.asarray(ids, dtype=np.int64), "seg_ids"))
+        nodes.append(helper.make_node("Gather", ["seg_ids", "seg_position"], ["segment"], axis=0, name="seg_id_lookup"))
     return nodes, init
 
 
-def build_graph(segment_pipeline: Any, segment_index: list[int], churn_model: Any, k: int) -> onnx.ModelProto:
+def build_graph(segment_pipeline: Any, segment_index: list[int], churn_model: Any, k: int,
+                segment_ids: Sequence[int] | None = None) -> onnx.ModelProto:
     """The combined model: input ``features`` [N, F]; outputs ``segment``, ``distances``, ``churn``.
 
-    Few nodes on purpose: the stream runs this graph once per event with a single row, where the cost is
-    per node (~0.3-0.5 us each), not per multiply-add.
+    ``segment`` is the stable id of the nearest cluster (``segment_ids[cluster]``; default: the cluster index),
+    ``distances`` has one column per cluster in ascending id order. Few nodes on purpose: the stream runs this
+    graph once per event with a single row, where the cost is per node (~0.3-0.5 us each), not per multiply-add.
     """
     n_features = len(FEATURE_NAMES)
-    seg_nodes, seg_init = _segment_branch(segment_pipeline, segment_index)
+    seg_nodes, seg_init = _segment_branch(segment_pipeline, segment_index, segment_ids)
     churn, churn_nodes, churn_init = _churn_branch(churn_model, n_features)
     graph = helper.make_graph(
         seg_nodes + list(churn.graph.node) + churn_nodes,
@@ -183,9 +210,15 @@ def opset_of(model: onnx.ModelProto) -> dict[str, int]:
     return {(imp.domain or "ai.onnx"): int(imp.version) for imp in model.opset_import}
 
 
+def segment_ids(segment_model: Any) -> list[int]:
+    """Stable id of each cluster of a :class:`models.training.SegmentModel` (its segments are in cluster order)."""
+    return [int(s["id"]) for s in segment_model.segments]
+
+
 def export_onnx(trained: Any) -> tuple[bytes, dict[str, int]]:
     """Serialized combined model and its opset imports, from :class:`models.training.TrainedModels`."""
-    model = build_graph(trained.segment.pipeline, trained.segment.feature_index, trained.churn.model, trained.segment.metrics["k"])
+    model = build_graph(trained.segment.pipeline, trained.segment.feature_index, trained.churn.model,
+                        trained.segment.metrics["k"], segment_ids(trained.segment))
     return model.SerializeToString(), opset_of(model)
 
 
@@ -193,8 +226,9 @@ def sklearn_outputs(trained: Any, X: np.ndarray) -> dict[str, np.ndarray]:
     """What scikit-learn computes for the float32 rows ``X`` (evaluated in float64, as it trains)."""
     X64 = np.asarray(X, dtype=np.float32).astype(np.float64)
     Xs = X64[:, trained.segment.feature_index]
+    ids = np.asarray(segment_ids(trained.segment), dtype=np.int64)
     return {
-        "segment": trained.segment.pipeline.predict(Xs).astype(np.int64),
+        "segment": ids[trained.segment.pipeline.predict(Xs)],
         "distances": trained.segment.pipeline.transform(Xs),
         "churn": trained.churn.model.predict_proba(X64)[:, 1],
     }

@@ -197,11 +197,37 @@ def _pace(hours_between_steps: float) -> str:
     return "slow"
 
 
-def _describe_segments(X: np.ndarray, labels: np.ndarray, k: int) -> list[dict[str, Any]]:
-    """Name and describe each cluster from its members' mean feature values (in the features' own units)."""
+def _unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``... whichever is not taken yet."""
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name}_{n}" in taken:
+        n += 1
+    return f"{name}_{n}"
+
+
+def _describe_segments(
+    X: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    ids: Sequence[int] | None = None,
+    inherited_names: dict[int, str] | None = None,
+    reserved_names: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Name and describe each cluster from its members' mean feature values (in the features' own units).
+
+    ``labels`` are cluster positions 0..k-1; cluster ``i`` is published as segment ``ids[i]`` (default ``i``).
+    A cluster in ``inherited_names`` keeps its parent's name, so a retrain does not rename a segment rules
+    refer to; the name its members would get now is kept as ``derived_name`` when it differs. The other
+    clusters get derived names, made unique against the inherited and ``reserved_names`` (the parent's), so
+    one name never stands for two ids across a retrain.
+    """
     col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    ids = list(range(k)) if ids is None else list(ids)
+    inherited_names = inherited_names or {}
+    taken = set(inherited_names.values()) | set(reserved_names)
     segments = []
-    used: dict[str, int] = {}
     for seg in range(k):
         members = X[labels == seg]
         mean = members.mean(axis=0) if len(members) else np.zeros(X.shape[1])
@@ -213,23 +239,58 @@ def _describe_segments(X: np.ndarray, labels: np.ndarray, k: int) -> list[dict[s
         mobile = float(mean[col["is_mobile"]])
         skipped = float(mean[col["steps_skipped_frac"]])
         pace = _pace(gap_h) if not math.isnan(gap_h) else "unknown-pace"
-        name = f"{top}_{pace}" + ("_mobile" if mobile >= 0.5 else "")
-        if name in used:
-            used[name] += 1
-            name = f"{name}_{used[name]}"
-        else:
-            used[name] = 1
+        derived = f"{top}_{pace}" + ("_mobile" if mobile >= 0.5 else "")
+        name = inherited_names.get(seg) or _unique_name(derived, taken)
+        taken.add(name)
         topics = f"{top} ({top_share:.0%})" + (f" and {second} ({second_share:.0%})" if second_share >= 0.15 else "")
         description = (
             f"Mostly {topics}; {pace} pace"
             + (f" (~{gap_h:.1f} h between steps)" if not math.isnan(gap_h) else "")
             + f"; {mobile:.0%} on mobile/tablet; skips {skipped:.0%} of steps; {len(members)} users in training."
         )
-        segments.append({"id": seg, "name": name, "description": description, "size": int(len(members))})
+        segment = {"id": int(ids[seg]), "name": name, "description": description, "size": int(len(members))}
+        if seg in inherited_names and derived != name:
+            segment["derived_name"] = derived
+        segments.append(segment)
     return segments
 
 
-def train_segments(rows: SegmentRows, params: TrainingParams, truth_persona: dict[str, str] | None = None) -> SegmentModel:
+def _order_clusters_by_id(pipe: Any, labels: np.ndarray, ids: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """Reorder the fitted KMeans' clusters so that cluster ``i`` is the one with the ``i``-th smallest id.
+
+    The order of k-means clusters is arbitrary; fixing it to ascending stable id makes cluster position, the
+    manifest's ``segments`` order and the ONNX ``distances`` columns agree, so position -> id is one sorted
+    table. Returns the training labels renumbered to the new positions, and the ids in position order.
+    """
+    order = np.argsort(np.asarray(ids), kind="stable")
+    if np.array_equal(order, np.arange(len(order))):
+        return labels, [int(i) for i in ids]
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    kmeans = pipe[-1]
+    kmeans.cluster_centers_ = kmeans.cluster_centers_[order].copy()
+    kmeans.labels_ = position[kmeans.labels_]
+    return position[labels], sorted(int(i) for i in ids)
+
+
+def _centroids(pipe: Any) -> np.ndarray:
+    """Cluster centres of Pipeline(StandardScaler, KMeans) in original feature units, [k, segment features]."""
+    return pipe[0].inverse_transform(pipe[-1].cluster_centers_)
+
+
+def train_segments(
+    rows: SegmentRows,
+    params: TrainingParams,
+    truth_persona: dict[str, str] | None = None,
+    parent_segments: Sequence[dict[str, Any]] | None = None,
+) -> SegmentModel:
+    """Fit the segmentation; with ``parent_segments`` (the parent manifest's), clusters keep the parent's ids.
+
+    See :mod:`models.segment_ids` for the id scheme. Segments are listed in cluster order, which is ascending
+    id; each carries its ``centroid`` in original units so the next retrain can align to it. Raises
+    :class:`models.segment_ids.AlignmentError` when the parent cannot be matched (e.g. a bundle published
+    before segments had centroids): train without ``parent_segments`` then, and ids restart at 0..k-1.
+    """
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, silhouette_score
     from sklearn.pipeline import Pipeline
@@ -261,6 +322,16 @@ def train_segments(rows: SegmentRows, params: TrainingParams, truth_persona: dic
         log.info("segments: k=%d silhouette=%.4f", k, by_k[k])
     best_k = max(by_k, key=lambda k: (by_k[k], -k))
     pipe, labels = fits[best_k]
+    alignment = None
+    if parent_segments:
+        from models.segment_ids import align_to_parent
+
+        alignment = align_to_parent(_centroids(pipe), parent_segments, features=params.segment_features,
+                                    scale=pipe[0].scale_)
+        labels, seg_ids = _order_clusters_by_id(pipe, labels, alignment.ids)
+        inherited = {seg_ids.index(alignment.ids[c]): name for c, name in alignment.inherited_names.items()}
+    else:
+        seg_ids, inherited = list(range(best_k)), {}
     metrics: dict[str, Any] = {
         "k": best_k,
         "silhouette": round(by_k[best_k], 4),
@@ -274,10 +345,15 @@ def train_segments(rows: SegmentRows, params: TrainingParams, truth_persona: dic
         metrics["ari_vs_personas"] = round(float(adjusted_rand_score(personas, labels[known])), 4)
         table: dict[str, dict[str, int]] = {}
         for p, lab in zip(personas, labels[known]):
-            table.setdefault(p, {}).setdefault(str(int(lab)), 0)
-            table[p][str(int(lab))] += 1
-        metrics["persona_by_segment"] = table
-    segments = _describe_segments(X, labels, best_k)
+            table.setdefault(p, {}).setdefault(str(seg_ids[lab]), 0)
+            table[p][str(seg_ids[lab])] += 1
+        metrics["persona_by_segment"] = table  # persona -> segment id -> users
+    if alignment is not None:
+        metrics["alignment"] = alignment.as_metrics()
+    reserved = [s["name"] for s in parent_segments or ()]
+    segments = _describe_segments(X, labels, best_k, seg_ids, inherited, reserved)
+    for segment, centroid in zip(segments, _centroids(pipe)):
+        segment["centroid"] = {f: float(v) for f, v in zip(params.segment_features, centroid)}
     return SegmentModel(pipeline=pipe, feature_index=index, segments=segments, metrics=metrics)
 
 
@@ -426,8 +502,13 @@ def data_fingerprint(events: Sequence[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def train(events: Sequence[dict[str, Any]], params: TrainingParams, truths: Sequence[Any] | None = None) -> TrainedModels:
-    """Fit both models on ``events`` (any order); ``truths`` (generator ground truth) adds the ARI metric."""
+def train(events: Sequence[dict[str, Any]], params: TrainingParams, truths: Sequence[Any] | None = None,
+          parent_segments: Sequence[dict[str, Any]] | None = None) -> TrainedModels:
+    """Fit both models on ``events`` (any order); ``truths`` (generator ground truth) adds the ARI metric.
+
+    ``parent_segments``: the current bundle's manifest ``segments``; matching clusters keep their ids and names
+    (:mod:`models.segment_ids`).
+    """
     from threadpoolctl import threadpool_limits
 
     if not events:
@@ -442,7 +523,7 @@ def train(events: Sequence[dict[str, Any]], params: TrainingParams, truths: Sequ
              len(events), len(by_user), t_rows, len(churn_rows.y), churn_rows.users, churn_rows.censored_users)
     personas = {t.user_id: t.persona for t in truths} if truths else None
     with threadpool_limits(limits=params.threads):
-        segment = train_segments(seg_rows, params, personas)
+        segment = train_segments(seg_rows, params, personas, parent_segments)
         t_seg = time.perf_counter() - t0 - t_rows
         log.info("segments: k=%d silhouette=%.3f ARI=%s (%.2fs)", segment.metrics["k"], segment.metrics["silhouette"],
                  segment.metrics.get("ari_vs_personas"), t_seg)
@@ -450,8 +531,8 @@ def train(events: Sequence[dict[str, Any]], params: TrainingParams, truths: Sequ
         t_churn = time.perf_counter() - t0 - t_rows - t_seg
         # Churn rate per segment, for the descriptions' readers.
         labels = segment.pipeline.predict(churn_rows.X[:, segment.feature_index])
-    for seg in segment.segments:
-        m = labels == seg["id"]
+    for position, seg in enumerate(segment.segments):  # segments are in cluster order (ids may have gaps)
+        m = labels == position
         seg["churn_rate"] = round(float(churn_rows.y[m].mean()), 4) if m.any() else None
     metrics = {
         "segmentation": segment.metrics,
@@ -464,16 +545,41 @@ def train(events: Sequence[dict[str, Any]], params: TrainingParams, truths: Sequ
     return TrainedModels(segment, churn, {"from_ms": int(from_ms), "to_ms": int(to_ms)}, params, metrics, parity_X)
 
 
+def _train_aligned(events: Sequence[dict[str, Any]], params: TrainingParams, truths: Sequence[Any] | None,
+                   current: dict[str, Any] | None) -> TrainedModels:
+    """:func:`train` with segment ids aligned to the current bundle's; a bundle that cannot be aligned to (older,
+    without centroids, or on other segment features) starts the ids afresh, with a warning."""
+    from models.segment_ids import AlignmentError
+
+    parent = (current or {}).get("segments")
+    if not parent:
+        return train(events, params, truths)
+    try:
+        return train(events, params, truths, parent_segments=parent)
+    except AlignmentError as exc:
+        log.warning("segment ids cannot be aligned to bundle %s (%s); numbering them afresh: rules keyed on "
+                    "segment ids must be checked against the new manifest", current.get("version"), exc)
+        return train(events, params, truths)
+
+
 def train_and_publish(cfg: Any, *, n_users: int = 2000, seed: int = 7, events: Sequence[dict[str, Any]] | None = None,
-                      force: bool = False) -> dict[str, Any]:
-    """Train on ``events`` (or on ``n_users`` generated users), export to ONNX, check parity, publish.
+                      force: bool = False, allow_worse: bool = False,
+                      source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on ``events`` (or on ``n_users`` generated users), export to ONNX, check parity, gate, publish.
 
     Returns the published manifest. Unless ``force``, a current bundle trained on the very same data with the
     same feature list and parameters is reused instead of training again. Raises if the ONNX graph does not
-    reproduce scikit-learn (nothing is published then).
+    reproduce scikit-learn, and :class:`models.quality_gate.QualityGateError` if the holdout metrics are worse
+    than the current bundle's beyond the gate's tolerance (unless ``allow_worse``); nothing is published then.
+    The gate's verdict is recorded in the manifest under ``quality_gate``.
+
+    ``source`` describes where ``events`` came from (``models.history.HistoryBatch.summary()``: files, or a topic
+    and time range, and what was skipped); it goes into the manifest. Segment ids are aligned to the current
+    bundle's (``models.segment_ids``), so rules keyed on a segment keep their meaning across retrains.
     """
     from models import registry
     from models.onnx_export import check_parity, export_onnx
+    from models.quality_gate import QualityGateError, check_against
 
     t0 = time.perf_counter()
     generated = events is None
@@ -483,8 +589,9 @@ def train_and_publish(cfg: Any, *, n_users: int = 2000, seed: int = 7, events: S
 
         source = {"kind": "generator", "generator_version": GENERATOR_VERSION, "n_users": n_users, "seed": seed}
     else:
-        source = {"kind": "events", "events": len(events)}
-    params = TrainingParams(half_life_hours=float(cfg.interest_half_life_hours), seed=seed)
+        source = {"kind": "events", "events": len(events), **(source or {})}
+    params = TrainingParams(half_life_hours=float(cfg.interest_half_life_hours),
+                            churn_horizon_hours=float(cfg.churn_horizon_hours), seed=seed)
     model_dir = Path(cfg.model_dir)
     training_info: dict[str, Any] = {
         "source": source,
@@ -495,26 +602,35 @@ def train_and_publish(cfg: Any, *, n_users: int = 2000, seed: int = 7, events: S
     identity = json.dumps([source, training_info["data_sha256"], training_info["params"], list(FEATURE_NAMES)], sort_keys=True)
     training_info["identity_sha256"] = hashlib.sha256(identity.encode()).hexdigest()
     if not force:
-        current = registry.current_bundle_path(model_dir)
-        if current is not None and (current / "manifest.json").is_file():
-            manifest = registry.read_manifest(current)
-            if manifest.get("training", {}).get("identity_sha256") == training_info["identity_sha256"]:
-                log.info("current bundle %s was trained on the same data and settings; not retraining (force=True to redo)",
-                         manifest.get("version"))
-                return manifest
+        current = registry.current_manifest(model_dir)
+        if current is not None and current.get("training", {}).get("identity_sha256") == training_info["identity_sha256"]:
+            log.info("current bundle %s was trained on the same data and settings; not retraining (force=True to redo)",
+                     current.get("version"))
+            return current
     truths = None
     if generated:
         from models.generator import generate
 
         log.info("generating %d synthetic users (seed %d)", n_users, seed)
         events, truths = generate(n_users, seed=seed)
-    trained = train(events, params, truths)
+    trained = _train_aligned(events, params, truths, registry.current_manifest(model_dir))
     onnx_bytes, opset = export_onnx(trained)
     parity = check_parity(onnx_bytes, trained)
     log.info("ONNX parity: %s", parity)
     if not parity["ok"]:
         raise RuntimeError(f"ONNX export does not reproduce scikit-learn within {parity['tolerance']}: {parity}")
     trained.metrics["parity"] = parity
+    # Re-read: the bundle current now is the one this publish replaces (and records as parent_version).
+    gate = check_against(trained.metrics, registry.current_manifest(model_dir))
+    if not gate.checks:
+        log.info("quality gate: no current bundle to compare with")
+    for check in gate.checks:
+        log.info("quality gate vs %s: %s", gate.compared_with, check.describe())
+    if not gate.passed:
+        if not allow_worse:
+            raise QualityGateError(gate)
+        log.warning("quality gate failed but allow_worse is set; publishing anyway: %s",
+                    "; ".join(check.describe() for check in gate.failures))
     trained.metrics["timing_seconds"]["total"] = round(time.perf_counter() - t0, 2)
     manifest = {
         "data_window": trained.data_window,
@@ -527,6 +643,7 @@ def train_and_publish(cfg: Any, *, n_users: int = 2000, seed: int = 7, events: S
         "segment_features": list(params.segment_features),
         "churn_model": trained.churn.kind,
         "training": training_info,
+        "quality_gate": {**gate.to_dict(), "allowed_worse": allow_worse and not gate.passed},
     }
     version = registry.publish(registry.BundleArtifacts(model_bytes=onnx_bytes, manifest=manifest), model_dir)
     published = registry.read_manifest(model_dir / version)

@@ -95,7 +95,11 @@ class ModelBundle:
         self.version = str(manifest.get("version") or path.name)
         self.session = session
         self.n_features = len(FEATURE_NAMES)
-        self.segment_names: tuple[str, ...] = tuple(s["name"] for s in sorted(manifest["segments"], key=lambda s: s["id"]))
+        # Ids are stable across retrains (models.segment_ids): distinct, but not necessarily 0..k-1.
+        by_id = sorted(manifest["segments"], key=lambda s: s["id"])
+        self.segment_ids: tuple[int, ...] = tuple(int(s["id"]) for s in by_id)
+        self.segment_names: tuple[str, ...] = tuple(s["name"] for s in by_id)
+        self._name_of: dict[int, str] = dict(zip(self.segment_ids, self.segment_names))
         self.k = len(self.segment_names)
         # score(): one run per event over buffers allocated once and bound to the session (IOBinding): the
         # input row and the two outputs share memory with these numpy arrays, so a call converts nothing and
@@ -165,9 +169,11 @@ class ModelBundle:
         outputs = {o.name for o in session.get_outputs()}
         if not set(OUTPUT_NAMES) <= outputs:
             raise BundleError(f"model bundle {path}: outputs {sorted(outputs)} lack {sorted(set(OUTPUT_NAMES) - outputs)}")
-        ids = sorted(s["id"] for s in manifest["segments"])
-        if ids != list(range(len(ids))):
-            raise BundleError(f"model bundle {path}: segment ids must be 0..k-1, got {ids}")
+        # Stable ids (models.segment_ids) may have gaps after a retrain retired a segment: any distinct ids >= 0.
+        ids = [s.get("id") for s in manifest["segments"]]
+        if not ids or any(type(i) is not int or i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise BundleError(f"model bundle {path}: segment ids must be distinct non-negative integers, one per "
+                              f"segment, got {ids}; republish the bundle")
         k_model = next(o.shape for o in session.get_outputs() if o.name == "distances")[-1]
         if isinstance(k_model, int) and k_model != len(ids):
             raise BundleError(f"model bundle {path}: the model has {k_model} segments, the manifest describes {len(ids)}")
@@ -180,7 +186,7 @@ class ModelBundle:
         self._x[0] = features
         self._run_bound(self._binding)
         seg = int(self._segment[0])
-        return Scores(seg, self.segment_names[seg], float(self._churn[0]))
+        return Scores(seg, self._name_of[seg], float(self._churn[0]))
 
     def score_batch(self, rows: Sequence[Sequence[float]]) -> list[Scores]:
         """Scores of many vectors in one run."""
@@ -190,11 +196,12 @@ class ModelBundle:
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(f"expected rows of {self.n_features} features, got shape {X.shape}")
         segment, churn = self.session.run(["segment", "churn"], {INPUT_NAME: X})
-        names = self.segment_names
+        names = self._name_of
         return [Scores(s, names[s], c) for s, c in zip(segment.tolist(), churn.tolist())]
 
     def distances(self, features: Sequence[float]) -> list[float]:
-        """Distance of one vector to every segment centroid (scaled space); for explanations, not the hot path."""
+        """Distance of one vector to every segment centroid (scaled space), in :attr:`segment_ids` order; for
+        explanations, not the hot path."""
         (d,) = self.session.run(["distances"], {INPUT_NAME: np.asarray([features], dtype=np.float32)})
         return d[0].tolist()
 
