@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("provision", cmd_provision, "fetch the Flink Kafka connector and Kafka broker jars (pinned Maven pom) into .cache/jars")
+    add("provision", cmd_provision, "fetch the Kafka broker and Flink connector jars and build Onramp's SQL function (pinned Maven pom) into .cache/jars")
     p = add("up", cmd_up, "start local Kafka + Flink (idempotent; waits until healthy)")
     p.add_argument("--kafka-only", action="store_true", help="start only the Kafka broker")
     p.add_argument("--flink-only", action="store_true", help="start only the Flink cluster")
