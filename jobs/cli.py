@@ -77,7 +77,14 @@ def cmd_provision(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from jobs.provision import provision
 
     result = provision(cfg)
-    print(json.dumps({k: str(v) for k, v in vars(result).items()} if hasattr(result, "__dict__") else str(result), indent=2))
+    print(json.dumps({
+        "jars_dir": str(result.jars_dir),
+        "flink_job_jars": [str(p) for p in result.flink_jars],
+        "kafka_classpath": result.kafka_classpath,
+        "kafka_jars": len(result.kafka_jars),
+        "ran_maven": result.ran_maven,
+        "seconds": round(result.seconds, 1),
+    }, indent=2))
     return 0
 
 

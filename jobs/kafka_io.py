@@ -87,8 +87,14 @@ def produce(
     return ProduceReport(sent, time.perf_counter() - start)
 
 
+def make_reader(cfg: OnrampConfig, **options: Any) -> KafkaConsumer:
+    """A consumer that reads committed records without a group commit (Onramp's tools read, they never own a
+    group): the config's client options (SASL/SSL...) plus ``options``."""
+    return KafkaConsumer(**client_options(cfg), enable_auto_commit=False, isolation_level="read_committed", **options)
+
+
 def end_offsets(cfg: OnrampConfig, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(**client_options(cfg), enable_auto_commit=False, isolation_level="read_committed")
+    consumer = make_reader(cfg)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -110,12 +116,7 @@ def read_records(
 
     Stops after ``max_records``, after ``timeout_s`` in total, or after ``idle_timeout_s`` without a record.
     """
-    consumer = KafkaConsumer(
-        **client_options(cfg),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        consumer_timeout_ms=200,
-    )
+    consumer = make_reader(cfg, consumer_timeout_ms=200)
     try:
         deadline = time.monotonic() + timeout_s
         partitions = None

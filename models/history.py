@@ -243,9 +243,9 @@ def read_kafka_topic(cfg: Any, topic: str, from_ms: int | None = None, to_ms: in
     :class:`TimeoutError` if that takes longer than ``timeout_s`` (a partial history is not returned).
     ``limits`` default to the config's validation limits.
     """
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    from jobs.kafka_io import client_options
+    from jobs.kafka_io import make_reader
 
     if from_ms is not None and to_ms is not None and from_ms >= to_ms:
         raise ValueError(f"empty time range: from_ms {from_ms} >= to_ms {to_ms}")
@@ -259,7 +259,7 @@ def read_kafka_topic(cfg: Any, topic: str, from_ms: int | None = None, to_ms: in
     events: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
     outside = 0
-    consumer = KafkaConsumer(**client_options(cfg), enable_auto_commit=False, isolation_level="read_committed")
+    consumer = make_reader(cfg)
     try:
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
