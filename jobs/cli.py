@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.config import ConfigError, OnrampConfig, load_config
+from jobs.config import REPO_ROOT, ConfigError, OnrampConfig, load_config
+
+RULES_TEMPLATES_DIR = REPO_ROOT / "rules" / "templates"
 
 log = logging.getLogger("onramp")
 
@@ -491,6 +493,151 @@ def _add_models_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) 
     p.add_argument("--json", action="store_true", help=json_help)
 
 
+# --- rules ---------------------------------------------------------------------------------------------------------
+
+
+def _lint(path: Path) -> list[Any]:
+    """Every finding for a rule set file: schema and fields (parse + compile), then meaning (lint), then the
+    content templates its outcomes use."""
+    from udfs.rules.compiler import compile_ruleset
+    from udfs.rules.lint import LintFinding, semantic_findings, template_findings
+    from udfs.rules.model import RuleSetError, parse_ruleset
+
+    text = path.read_text()
+    try:
+        compiled = compile_ruleset(parse_ruleset(text, str(path)))
+    except RuleSetError as exc:
+        return [LintFinding(f.file, f.line, "error", f.code, f.message) for f in exc.findings]
+    return semantic_findings(text, str(path)) + template_findings(compiled, str(path))
+
+
+def cmd_rules_lint(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.files] or [Path(cfg.rules_file)]
+    errors = 0
+    for path in paths:
+        findings = _lint(path)
+        errors += sum(f.severity == "error" for f in findings)
+        for finding in findings:
+            print(finding)
+        if not findings:
+            print(f"{path}: ok")
+    return 1 if errors else 0
+
+
+def cmd_rules_diff(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from jobs.rules_tools import diff_files
+
+    result = diff_files(Path(args.old), Path(args.new))
+    print(json.dumps(result.__dict__, indent=2) if args.json else "\n".join(result.lines()))
+    return 0
+
+
+def cmd_rules_backtest(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from jobs.rules_tools import backtest, format_backtest
+    from models import history
+    from udfs.model_bundle import load_current
+    from udfs.rules.compiler import compile_rules_text
+
+    old_path = Path(args.against or cfg.rules_file)
+    old = compile_rules_text(old_path.read_text(), str(old_path))
+    new = compile_rules_text(Path(args.rules).read_text(), args.rules)
+    if args.events:
+        batch = history.read_avro_files([Path(p) for p in args.events])
+    else:
+        import time
+
+        window = history.window_for(args.days, time.time_ns() // 1_000_000)
+        batch = history.read_kafka_topic(cfg, args.topic or cfg.input_topic, *window, timeout_s=300.0)
+    scorer = load_current(cfg.model_dir, half_life_hours=cfg.interest_half_life_hours)
+    result = backtest(batch.events, old, new, scorer, cfg.interest_half_life_hours * 3_600_000.0)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_backtest(result))
+    return 0
+
+
+def cmd_rules_preview(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from jobs.content_preview import format_preview, preview
+    from udfs.model_bundle import load_current
+    from udfs.rules.compiler import compile_rules_text
+
+    rules = None if cfg.rules_file == "builtin" else compile_rules_text(Path(cfg.rules_file).read_text(), cfg.rules_file)
+    try:
+        bundle = load_current(cfg.model_dir, half_life_hours=cfg.interest_half_life_hours)
+    except Exception as exc:  # preview still works without a model: the default flow
+        log.warning("no model bundle (%s): previewing the non-personalized flow", exc)
+        bundle = None
+    result = preview(Path(args.user_profile), RULES_TEMPLATES_DIR, bundle=bundle, rules=rules,
+                     half_life_ms=cfg.interest_half_life_hours * 3_600_000.0)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_preview(result))
+    return 0
+
+
+def cmd_rules_publish(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    """Lint, then replace the rules file the job follows, atomically (the running job picks it up)."""
+    import os
+    import tempfile
+
+    source = Path(args.file)
+    findings = _lint(source)
+    for finding in findings:
+        print(finding)
+    if any(f.severity == "error" for f in findings):
+        log.error("not published: %s has errors (above)", source)
+        return 1
+    target = Path(cfg.rules_file)
+    if target.resolve() == source.resolve():
+        log.info("%s is already the rules file the job follows", target)
+        return 0
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "w") as out:
+        out.write(source.read_text())
+    os.replace(tmp, target)
+    log.info("published %s as %s; a running job switches within rules_reload_interval_ms (%d ms)",
+             source, target, cfg.rules_reload_interval_ms)
+    return 0
+
+
+_RULES_HELP = """decision rules: YAML rule sets (rules/ruleset.schema.json; example: rules/onboarding.yaml)
+
+  onramp rules lint [FILE...]                  schema, fields, types, unreachable rules, ties, missing default,
+                                               templates; exit 1 on errors (default FILE: the configured rules_file)
+  onramp rules diff OLD NEW                    what changed, rule by rule, with NEW's version and changelog entry
+  onramp rules backtest NEW --events F...      replay history through the current and NEW rule sets: how many
+  onramp rules backtest NEW --days 7           users and decisions would change, by segment (files or the topic)
+  onramp rules preview --user-profile F.json   what one user would see: step, variant, rendered content
+  onramp rules publish FILE                    lint, then replace the rules file the running job follows
+
+The job ships the rule set it is submitted with and re-reads rules_file every rules_reload_interval_ms; a file
+with errors is refused (logged, counted in rules_reload_refusals) and the job keeps its rule set.
+"""
+
+
+def _add_rules_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("rules", help="lint, diff, backtest, preview or publish decision rule sets",
+                           description=_RULES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = group.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
+    p = add("lint", cmd_rules_lint, "check rule set files; exit 1 on errors", under=actions)
+    p.add_argument("files", nargs="*", metavar="FILE", help="rule set files (default: the configured rules_file)")
+    p = add("diff", cmd_rules_diff, "what changed between two rule set files", under=actions)
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("backtest", cmd_rules_backtest, "replay history through two rule sets and count what would change",
+            under=actions)
+    p.add_argument("rules", metavar="NEW", help="the candidate rule set")
+    p.add_argument("--against", metavar="OLD", help="the rule set to compare with (default: the configured rules_file)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--events", nargs="+", metavar="FILE", help="Avro container files (or directories) of events")
+    where.add_argument("--days", type=float, help="the input topic's last N days (or --topic)")
+    p.add_argument("--topic", help="topic to read with --days (default: input_topic)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("preview", cmd_rules_preview, "render what one user would see next", under=actions)
+    p.add_argument("--user-profile", required=True, metavar="FILE",
+                   help="JSON: a list of one user's events, or a decision-like {step_id, content_variant, template_vars}")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("publish", cmd_rules_publish, "lint, then replace the rules file the running job follows", under=actions)
+    p.add_argument("file", metavar="FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onramp",
@@ -532,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain even if the current bundle was trained on the same data and settings, and publish "
                         "even if the quality gate finds the new model worse than the current one")
     _add_models_commands(sub, add)
+    _add_rules_commands(sub, add)
     p = add("submit", cmd_submit, "submit the personalize job to the Flink cluster (replaces a running one)")
     p.add_argument("--keep-running", action="store_true", help="do not cancel an already running Onramp job")
     p = add("produce", cmd_produce, "send generated onboarding events to the input topic")
@@ -564,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
-_KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError",
+_KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
                  "QualityGateError")
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DELIVERY_MODES = ("at-least-once", "exactly-once")
+BUILTIN_RULES = "builtin"
 EXECUTION_MODES = ("thread", "process")
 
 
@@ -53,6 +54,10 @@ class OnrampConfig:
     max_event_age_ms: int = 365 * 24 * 3600 * 1000
     # Hot reload: how often (processing time) each operator instance checks <model_dir>/CURRENT; 0 disables
     model_reload_interval_ms: int = 1000
+    # Decision rules: a YAML rule set (rules/ruleset.schema.json), or "builtin" for the built-in rules; the running
+    # job re-reads the file at most every rules_reload_interval_ms (0: never)
+    rules_file: str = str(REPO_ROOT / "rules" / "onboarding.yaml")
+    rules_reload_interval_ms: int = 1000
     # Profile and interest scoring
     interest_half_life_hours: float = 72.0
     # Training labels: a user churned if no onboarding_completed came within this long after signup
@@ -78,7 +83,7 @@ class OnrampConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms",
-                     "model_reload_interval_ms"):
+                     "model_reload_interval_ms", "rules_reload_interval_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):
@@ -88,6 +93,8 @@ class OnrampConfig:
             problems.append("interest_half_life_hours must be > 0")
         if self.churn_horizon_hours <= 0:
             problems.append("churn_horizon_hours must be > 0")
+        if self.rules_file != BUILTIN_RULES and not Path(self.rules_file).is_file():
+            problems.append(f"rules_file {self.rules_file!r} does not exist (a YAML rule set, or {BUILTIN_RULES!r})")
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers must not be empty")
         if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:

@@ -135,7 +135,7 @@ def submit(
         "-pyexec", worker_python, "-pyclientexec", sys.executable,
         "-py", str(script),
         # Ship the project's code and schemas: TaskManagers import them from the job's own files.
-        "-pyfs", ",".join(str(REPO_ROOT / d) for d in ("jobs", "udfs", "models", "avro")),
+        "-pyfs", ",".join(str(REPO_ROOT / d) for d in ("jobs", "udfs", "models", "avro", "rules")),
         "--config-json", json.dumps(cfg.as_dict()),
         *[arg for jar in jars for arg in ("--jar", str(jar))],
         *(job_args or []),

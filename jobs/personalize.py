@@ -90,6 +90,21 @@ def resolve_bundle(cfg: OnrampConfig, bundle_path: Path | None = None) -> Path:
     return bundle.path
 
 
+def resolve_rules(cfg: OnrampConfig) -> tuple[str | None, str | None]:
+    """The rule set the job ships with: (YAML text, absolute path to follow) or (None, None) for the built-in
+    rules. Compiled here, at the client, so a broken rule set fails the submission with its findings."""
+    from jobs.config import BUILTIN_RULES
+    from udfs.rules.compiler import compile_rules_text
+
+    if cfg.rules_file == BUILTIN_RULES:
+        return None, None
+    path = Path(cfg.rules_file).resolve()
+    text = path.read_text()
+    compiled = compile_rules_text(text, str(path))
+    log.info("rule set %s (%s)", compiled.version, path)
+    return text, str(path)
+
+
 def key_by_routing_key(records: DataStream) -> KeyedStream:
     """Key a stream of :data:`ROUTED_RECORD` rows by their first field, in the JVM.
 
@@ -109,11 +124,14 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     topic, partition, offset))``; returns (decisions, dead letters), both encoded bytes."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
+    rules_text, rules_path = resolve_rules(cfg)
     decisions = (
         key_by_routing_key(records)
         .process(
             Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits,
-                        model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms),
+                        model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms,
+                        rules_text=rules_text, rules_path=rules_path,
+                        rules_reload_interval_ms=cfg.rules_reload_interval_ms),
             output_type=BYTES,
         )
         .uid("personalize")

@@ -2,7 +2,8 @@
 
 Runs the job's own functions over generated events in the order the job does, timing each stage separately,
 so a regression points at its stage: decode+validate, state (de)serialisation, profile update, features, model
-inference, rules, decision record, encode.
+inference, interest scores, the rule context (the values rules see), rules (evaluating the configured rule set,
+template variables included), decision record, encode.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from udfs.personalizer import Personalizer
 from udfs.profile_state import Profile, apply_event, profile_from_state, profile_to_state
 from udfs.validation import ValidationLimits, decode_event
 
-STAGES = ("decode_validate", "state_io", "profile_update", "features", "inference", "rules", "decision_record", "encode")
+STAGES = ("decode_validate", "state_io", "profile_update", "features", "inference", "interest", "rule_context",
+          "rules", "decision_record", "encode")
 
 
 def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) -> dict[str, float]:
@@ -28,7 +30,13 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
     codec, out_codec = event_codec(), decision_codec()
     limits = ValidationLimits(cfg.max_future_skew_ms, 10 * cfg.max_event_age_ms)
     payloads = [codec.encode(e) for e in events]
-    personalizer = Personalizer(bundle, half_life)
+    from jobs.personalize import resolve_rules
+    from udfs.rules.compiler import compile_rules_text
+    from udfs.rules.fields import rule_context
+
+    rules_text, rules_path = resolve_rules(cfg)
+    rules = compile_rules_text(rules_text, rules_path) if rules_text else None
+    personalizer = Personalizer(bundle, half_life, rules)
     states: dict[str, bytes] = {}
     totals = dict.fromkeys(STAGES, 0)
     now = time.time_ns() // 1_000_000
@@ -46,12 +54,17 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
         t4 = clock()
         scores = bundle.score(features)
         t5 = clock()
+        interest = interest_scores(profile, event["event_time"], half_life) if profile.consent_personalization else {}
+        top = max(interest, key=interest.__getitem__) if interest else None
+        t5a = clock()
+        ctx = rule_context(profile, features, scores, top, event) if rules is not None else None
+        t5b = clock()
         if profile.consent_personalization:
-            interest = interest_scores(profile, event["event_time"], half_life)
-            top = max(interest, key=interest.__getitem__) if interest else None
-            choice = choose_step(profile, scores.segment_name, scores.churn_risk, top)
+            if rules is not None:  # what the job runs: the configured rule set over the rule context
+                choice = rules.evaluate(ctx)
+            else:
+                choice = choose_step(profile, scores.segment_name, scores.churn_risk, top)
         else:
-            interest = {}
             choice = default_flow(profile)
         t6 = clock()
         record = personalizer._record(event, choice, scores.segment_id, scores.segment_name, scores.churn_risk,
@@ -61,7 +74,8 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
         t8 = clock()
         states[event["user_id"]] = pickle.dumps(profile_to_state(profile))
         t9 = clock()
-        for stage, ns in zip(STAGES, (t1 - t0, (t2 - t1) + (t9 - t8), t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7)):
+        for stage, ns in zip(STAGES, (t1 - t0, (t2 - t1) + (t9 - t8), t3 - t2, t4 - t3, t5 - t4, t5a - t5, t5b - t5a,
+                                      t6 - t5b, t7 - t6, t8 - t7)):
             totals[stage] += ns
     n = max(1, len(payloads))
     costs = {stage: round(ns / n / 1000, 2) for stage, ns in totals.items()}

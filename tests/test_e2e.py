@@ -107,3 +107,56 @@ def test_running_job_switches_model_version_mid_stream(live_services, tmp_path):
     second = everything[half:]
     assert Counter(d["event_id"] for d in everything) == Counter(e["event_id"] for e in events)
     assert {d["model_version"] for d in second} == {b}
+
+
+def test_running_job_switches_rule_set_mid_stream_and_refuses_a_broken_one(live_services, tmp_path):
+    """Rules hot reload on the real cluster: decisions name rule set A until `onramp rules publish` replaces the
+    rules file with B, then B; a broken file written afterwards is refused and the job keeps deciding with B."""
+    import shutil
+    import time
+
+    import yaml
+
+    from jobs.cli import main as onramp
+    from jobs.config import REPO_ROOT
+
+    rules_file = tmp_path / "rules.yaml"
+    shutil.copy(REPO_ROOT / "rules" / "onboarding.yaml", rules_file)
+    a = yaml.safe_load(rules_file.read_text())["version"]
+    candidate = yaml.safe_load(rules_file.read_text())
+    candidate.update(version="e2e-b", changelog="e2e: same rules, new version")
+    new_file = tmp_path / "candidate.yaml"
+    new_file.write_text(yaml.safe_dump(candidate, sort_keys=False))
+    cfg = dataclasses.replace(
+        live_services,
+        rules_file=str(rules_file),
+        rules_reload_interval_ms=300,
+        input_topic="rules-events",
+        decisions_topic="rules-decisions",
+        dead_letter_topic="rules-dead-letters",
+        group_id="rules",
+    )
+    events = generated_events(24, seed=13)
+    third = len(events) // 3
+    codec = decision_codec()
+    job_id = submit_job(cfg)
+    try:
+        producer = make_producer(cfg)
+        produce(producer, cfg.input_topic, encode_events(events[:third]))
+        first = [codec.decode(r.value) for r in read_records(cfg, cfg.decisions_topic, max_records=third, timeout_s=90)]
+        assert onramp(["rules", "publish", str(new_file), "--set", f"rules_file={rules_file}"]) == 0
+        time.sleep(1.0)  # > one reload interval
+        produce(producer, cfg.input_topic, encode_events(events[third:2 * third]))
+        assert len(list(read_records(cfg, cfg.decisions_topic, max_records=2 * third, timeout_s=90))) == 2 * third
+        rules_file.write_text("ruleset: broken\nversion: x\n")  # no default, no tables: must be refused
+        time.sleep(1.0)
+        produce(producer, cfg.input_topic, encode_events(events[2 * third:]))
+        producer.close()
+        everything = [codec.decode(r.value) for r in
+                      read_records(cfg, cfg.decisions_topic, max_records=len(events), timeout_s=90)]
+    finally:
+        flink_jobs.cancel(cfg, job_id)
+
+    assert {d["rules_version"] for d in first} == {a}
+    assert Counter(d["event_id"] for d in everything) == Counter(e["event_id"] for e in events)
+    assert {d["rules_version"] for d in everything[third:]} == {"e2e-b"}

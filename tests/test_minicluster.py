@@ -67,8 +67,12 @@ def test_keyed_job_decides_every_valid_event_and_dead_letters_the_rest(trained_m
     assert {d["model_version"] for d in decisions} == {bundle.version}
     assert any(d["personalized"] for d in decisions)
 
-    # Offline replay through the same pure functions gives the same decisions.
-    personalizer = Personalizer(bundle, cfg.interest_half_life_hours * 3_600_000.0)
+    # Offline replay through the same pure functions (and the same rule set) gives the same decisions.
+    from udfs.rules.compiler import compile_rules_text
+
+    rules = compile_rules_text(Path(cfg.rules_file).read_text(), cfg.rules_file)
+    assert {d["rules_version"] for d in decisions} == {rules.version}
+    personalizer = Personalizer(bundle, cfg.interest_half_life_hours * 3_600_000.0, rules)
     profiles: dict[str, Profile] = {}
     expected = {}
     for event in events:

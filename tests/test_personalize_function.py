@@ -13,6 +13,8 @@ from pyflink.common import Row
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
 from udfs.flink_functions import DEAD_LETTERS, Personalize
 from udfs.model_watch import BundleWatcher
+from udfs.rules.compiler import compile_rules_text
+from udfs.rules_watch import RulesWatcher
 from udfs.personalizer import Personalizer
 from udfs.validation import ValidationLimits
 
@@ -58,6 +60,8 @@ def _function(scorer=None) -> Personalize:
     fn.decisions, fn.rejected, fn.failures = FakeCounter(), FakeCounter(), FakeCounter()
     fn.reloads, fn.reload_refusals = FakeCounter(), FakeCounter()
     fn.watcher = BundleWatcher(Path("."), 0, scorer.version if scorer else None)  # hot reload off
+    fn.rules_watcher = RulesWatcher(Path("."), 0, None, compile_rules_text)
+    fn.rules_reloads, fn.rules_refusals = FakeCounter(), FakeCounter()
     return fn
 
 

@@ -18,6 +18,8 @@ from pyflink.datastream.state import ValueStateDescriptor
 
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
 from udfs.model_watch import BundleWatcher
+from udfs.rules.compiler import compile_rules_text
+from udfs.rules_watch import RulesWatcher, content_sha
 from udfs.profile_state import profile_from_state, profile_to_state
 from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
 from udfs.wire_peek import routing_key
@@ -84,7 +86,8 @@ class Personalize(KeyedProcessFunction):
     """
 
     def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
-                 limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0):
+                 limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0,
+                 rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0):
         self.bundle_files = bundle_files
         self.half_life_ms = half_life_ms
         self.input_topic = input_topic
@@ -94,6 +97,10 @@ class Personalize(KeyedProcessFunction):
         self.personalizer = None
         self.profile_state = None
         self.watcher = None
+        self.rules_text = rules_text
+        self.rules_path = rules_path
+        self.rules_reload_interval_ms = rules_reload_interval_ms if rules_path else 0
+        self.rules_watcher = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
         from udfs.model_bundle import ModelBundle  # onnxruntime only where it is used
@@ -101,7 +108,11 @@ class Personalize(KeyedProcessFunction):
 
         bundle = ModelBundle.load(materialize_bundle(self.bundle_files)) if self.bundle_files else None
         log.info("personalize: model bundle %s", bundle.version if bundle else "none")
-        self.personalizer = Personalizer(bundle, self.half_life_ms)
+        rules = compile_rules_text(self.rules_text, self.rules_path or "rules") if self.rules_text else None
+        log.info("personalize: rule set %s", rules.version if rules else "builtin")
+        self.personalizer = Personalizer(bundle, self.half_life_ms, rules)
+        self.rules_watcher = RulesWatcher(Path(self.rules_path or "."), self.rules_reload_interval_ms,
+                                          content_sha(self.rules_text) if self.rules_text else None, compile_rules_text)
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
                                      bundle.version if bundle else None, self.half_life_ms / 3_600_000.0)
         self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))
@@ -114,12 +125,16 @@ class Personalize(KeyedProcessFunction):
         self.failures = metrics.counter("processing_errors")
         self.reloads = metrics.counter("model_reloads")
         self.reload_refusals = metrics.counter("model_reload_refusals")
+        self.rules_reloads = metrics.counter("rules_reloads")
+        self.rules_refusals = metrics.counter("rules_reload_refusals")
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         value = record[0]
         now_ms = _now_ms()
         if self.watcher.due(now_ms):
             self._follow_registry(now_ms)
+        if self.rules_watcher.due(now_ms):
+            self._follow_rules(now_ms)
         try:
             event = decode_event(self.event_codec, value, now_ms, self.limits)
         except InvalidEvent as exc:
@@ -153,6 +168,16 @@ class Personalize(KeyedProcessFunction):
             self.reloads.inc()
         if len(self.watcher.refused) > refused_before:
             self.reload_refusals.inc()
+
+    def _follow_rules(self, now_ms: int) -> None:
+        """Swap the rule set between two events when the rules file changed (see udfs/rules_watch.py)."""
+        refused_before = len(self.rules_watcher.refused)
+        rules = self.rules_watcher.poll(now_ms)
+        if rules is not None:
+            self.personalizer.rules = rules
+            self.rules_reloads.inc()
+        if len(self.rules_watcher.refused) > refused_before:
+            self.rules_refusals.inc()
 
     def _dead_letter(self, record: Any, code: str, message: str) -> bytes:
         return dead_letter_bytes(record[0], record[1] or self.input_topic, record[2], record[3], code, message,

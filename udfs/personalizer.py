@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from udfs.features import compute_features, interest_scores
 from udfs.next_step import RULES_VERSION, StepChoice, choose_step, default_flow
+from udfs.rules.fields import rule_context
 from udfs.profile_state import Profile, apply_event
 
 DECISION_NAMESPACE = uuid.UUID("6f1d2a7e-5b8c-4c1e-9a57-0e7d4f3b2a10")
@@ -42,11 +43,25 @@ def decision_id_for(event_id: str) -> str:
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
+class RuleSet(Protocol):
+    """A compiled rule set (:func:`udfs.rules.compiler.compile_ruleset`)."""
+
+    version: str
+
+    def evaluate(self, context: dict[str, Any]) -> StepChoice: ...
+
+
 @dataclass
 class Personalizer:
+    """profile + event -> decision. ``rules``: a compiled rule set, or None for the built-in rules (builtin-1)."""
+
     scorer: Scorer | None
     half_life_ms: float
-    rules_version: str = RULES_VERSION
+    rules: RuleSet | None = None
+
+    @property
+    def rules_version(self) -> str:
+        return self.rules.version if self.rules is not None else RULES_VERSION
 
     def update(self, profile: Profile, event: dict[str, Any]) -> Profile:
         return apply_event(profile, event, self.half_life_ms)
@@ -64,7 +79,10 @@ class Personalizer:
             segment_id, segment_name, churn_risk = scores.segment_id, scores.segment_name, scores.churn_risk
             interest = interest_scores(profile, now, self.half_life_ms)
             top_topic = max(interest, key=interest.__getitem__) if interest else None
-            choice = choose_step(profile, segment_name, churn_risk, top_topic)
+            if self.rules is not None:
+                choice = self.rules.evaluate(rule_context(profile, features, scores, top_topic, event))
+            else:
+                choice = choose_step(profile, segment_name, churn_risk, top_topic)
         else:
             choice = default_flow(profile)
             choice.reasons.append(
