@@ -541,13 +541,17 @@ def cmd_rules_backtest(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     old_path = Path(args.against or cfg.rules_file)
     old = compile_rules_text(old_path.read_text(), str(old_path))
     new = compile_rules_text(Path(args.rules).read_text(), args.rules)
-    if args.events:
-        batch = history.read_avro_files([Path(p) for p in args.events])
-    else:
+    sources = args.events or [cfg.input_topic]
+    if all(Path(p).exists() for p in sources):
+        batch = history.read_avro_files([Path(p) for p in sources])
+    elif len(sources) == 1:  # a topic: its last --days days
         import time
 
         window = history.window_for(args.days, time.time_ns() // 1_000_000)
-        batch = history.read_kafka_topic(cfg, args.topic or cfg.input_topic, *window, timeout_s=300.0)
+        batch = history.read_kafka_topic(cfg, sources[0], *window, timeout_s=300.0)
+    else:
+        missing = [p for p in sources if not Path(p).exists()]
+        raise FileNotFoundError(f"--events: no such file(s) {missing}; give Avro files, or one topic name")
     scorer = load_current(cfg.model_dir, half_life_hours=cfg.interest_half_life_hours)
     result = backtest(batch.events, old, new, scorer, cfg.interest_half_life_hours * 3_600_000.0)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_backtest(result))
@@ -602,7 +606,8 @@ _RULES_HELP = """decision rules: YAML rule sets (rules/ruleset.schema.json; exam
                                                templates; exit 1 on errors (default FILE: the configured rules_file)
   onramp rules diff OLD NEW                    what changed, rule by rule, with NEW's version and changelog entry
   onramp rules backtest NEW --events F...      replay history through the current and NEW rule sets: how many
-  onramp rules backtest NEW --days 7           users and decisions would change, by segment (files or the topic)
+  onramp rules backtest NEW --events TOPIC     users and decisions would change, by segment (files, or a
+                                               topic's last --days days, default 7)
   onramp rules preview --user-profile F.json   what one user would see: step, variant, rendered content
   onramp rules publish FILE                    lint, then replace the rules file the running job follows
 
@@ -625,10 +630,9 @@ def _add_rules_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -
             under=actions)
     p.add_argument("rules", metavar="NEW", help="the candidate rule set")
     p.add_argument("--against", metavar="OLD", help="the rule set to compare with (default: the configured rules_file)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--events", nargs="+", metavar="FILE", help="Avro container files (or directories) of events")
-    where.add_argument("--days", type=float, help="the input topic's last N days (or --topic)")
-    p.add_argument("--topic", help="topic to read with --days (default: input_topic)")
+    p.add_argument("--events", nargs="+", metavar="FILE|TOPIC",
+                   help="Avro container files (or directories) of events, or one topic name (default: input_topic)")
+    p.add_argument("--days", type=float, default=7.0, help="with a topic: its last N days (default 7)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("preview", cmd_rules_preview, "render what one user would see next", under=actions)
     p.add_argument("--user-profile", required=True, metavar="FILE",
