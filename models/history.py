@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 import fastavro
 
 from udfs.avro_codec import EVENT_SCHEMA, SchemaStore, SchemaVersion, SingleObjectCodec, default_store, event_codec
-from udfs.validation import InvalidEvent, ValidationLimits, check_event, decode_event
+from udfs.validation import InvalidEvent, ValidationLimits, accept_event, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,9 @@ def _read_file(path: Path, store: SchemaStore, now_ms: int, limits: ValidationLi
                 for key, value in record.items():
                     record[key] = _millis(value)
                 try:
-                    check_event(record, now_ms, limits)
+                    events.append(accept_event(record, now_ms, limits))
                 except InvalidEvent as exc:
                     skipped[exc.code] += 1
-                    continue
-                events.append(record)
         except Exception as exc:
             raise HistoryError(f"{path}: cannot read record {records} (damaged file or incompatible schema): "
                                f"{type(exc).__name__}: {exc}") from None

@@ -43,3 +43,12 @@ def test_invalid_events_are_rejected_with_their_code(changes, code):
 
 def test_small_clock_skew_is_tolerated():
     assert _decode({**make_event(), "event_time": NOW_MS + 59_000})["event_time"] == NOW_MS + 59_000
+
+
+def test_accepted_events_are_normalized_the_same_way_for_stream_and_training():
+    event = make_event("signup")
+    event["demographic"] = {"country": " germany ", "age_band": "25-34", "occupation": " Engineer"}
+    event["context"] = {"device": "iPhone", "referral_source": "Ads ", "locale": "pt_br.UTF-8", "session_id": "s-1"}
+    decoded = _decode(event)
+    assert decoded["demographic"] == {"country": "DE", "age_band": "25-34", "occupation": "engineer"}
+    assert decoded["context"] == {"device": "mobile", "referral_source": "ads", "locale": "pt-BR", "session_id": "s-1"}

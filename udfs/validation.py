@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs.avro_codec import CodecError, SingleObjectCodec
+from udfs.normalization import normalize_event
 
 # Dead-letter codes, in the order the checks run.
 NOT_SINGLE_OBJECT = "not_single_object"
@@ -67,11 +68,20 @@ def check_event(event: dict[str, Any], now_ms: int, limits: ValidationLimits) ->
         )
 
 
+def accept_event(event: dict[str, Any], now_ms: int, limits: ValidationLimits) -> dict[str, Any]:
+    """Validate a decoded event, then normalize it (country, locale, device, categories: docs/data-quality.md).
+
+    The one gate every event passes on its way to a profile, in the stream and in training alike, so both fold
+    the same values into the same features."""
+    check_event(event, now_ms, limits)
+    return normalize_event(event)
+
+
 def decode_event(codec: SingleObjectCodec, payload: bytes, now_ms: int, limits: ValidationLimits) -> dict[str, Any]:
-    """Decode and validate one Kafka value; raise :class:`InvalidEvent` with the dead-letter code on failure."""
+    """Decode, validate and normalize one Kafka value; raise :class:`InvalidEvent` with the dead-letter code on
+    failure."""
     try:
         event = codec.decode(payload)
     except CodecError as exc:
         raise InvalidEvent(exc.code, exc.message) from None
-    check_event(event, now_ms, limits)
-    return event
+    return accept_event(event, now_ms, limits)
