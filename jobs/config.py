@@ -11,7 +11,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Mapping
+
+from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS
+from udfs.profile_state import DEFAULT_CONTEXT_FIELDS, DEFAULT_DEMOGRAPHIC_FIELDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +64,14 @@ class OnrampConfig:
     rules_reload_interval_ms: int = 1000
     # Profile and interest scoring
     interest_half_life_hours: float = 72.0
+    # Deduplication: an event id seen before for the user within this window (of event time, before the newest
+    # event of that user) gets no second decision; 0 disables. At most dedup_max_ids ids per user, oldest dropped.
+    dedup_window_ms: int = DEFAULT_WINDOW_MS
+    dedup_max_ids: int = DEFAULT_MAX_IDS
+    # Data minimization: the only demographic / context fields (avro/onboarding_event.avsc Demographic and
+    # EventContext) a profile may hold, for the purpose "personalization". Comma-separated in env / --set.
+    allowed_demographic_fields: tuple[str, ...] = DEFAULT_DEMOGRAPHIC_FIELDS
+    allowed_context_fields: tuple[str, ...] = DEFAULT_CONTEXT_FIELDS
     # Training labels: a user churned if no onboarding_completed came within this long after signup
     churn_horizon_hours: float = 96.0
     # Files
@@ -75,6 +87,15 @@ class OnrampConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("allowed_demographic_fields", "allowed_context_fields"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = _split_list(value)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                object.__setattr__(self, name, tuple(value))  # lists (JSON, overrides) become tuples
+            else:
+                problems.append(f"{name} must be a list of field names, got {value!r}")
+        problems += _allow_list_problems(self.allowed_demographic_fields, self.allowed_context_fields)
         if self.delivery not in DELIVERY_MODES:
             problems.append(f"delivery must be one of {', '.join(DELIVERY_MODES)}, got {self.delivery!r}")
         if self.execution_mode not in EXECUTION_MODES:
@@ -83,12 +104,14 @@ class OnrampConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms",
-                     "model_reload_interval_ms", "rules_reload_interval_ms"):
+                     "model_reload_interval_ms", "rules_reload_interval_ms", "dedup_window_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):
             if not 0 < getattr(self, name) < 65536:
                 problems.append(f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
+        if self.dedup_max_ids < 1:
+            problems.append(f"dedup_max_ids must be >= 1, got {self.dedup_max_ids}")
         if self.interest_half_life_hours <= 0:
             problems.append("interest_half_life_hours must be > 0")
         if self.churn_horizon_hours <= 0:
@@ -114,14 +137,57 @@ class OnrampConfig:
     def replace(self, **changes: Any) -> "OnrampConfig":
         return load_config(overrides=changes, base=self, environ={})
 
+    def profile_policy(self) -> Any:
+        """The :class:`udfs.profile_state.ProfilePolicy` the job and training fold events with."""
+        from udfs.profile_state import ProfilePolicy
+
+        return ProfilePolicy(self.allowed_demographic_fields, self.allowed_context_fields, self.dedup_window_ms,
+                             self.dedup_max_ids)
+
     def as_dict(self) -> dict[str, Any]:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
 
 
+def _split_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@lru_cache(maxsize=1)
+def _event_record_fields() -> dict[str, tuple[str, ...]]:
+    """Field names of the event's nested records (Demographic, EventContext, ...) in the reader schema."""
+    from udfs.avro_codec import EVENT_SCHEMA, default_store
+
+    out: dict[str, tuple[str, ...]] = {}
+    for f in default_store().reader(EVENT_SCHEMA).parsed["fields"]:
+        for branch in f["type"] if isinstance(f["type"], list) else [f["type"]]:
+            if isinstance(branch, dict) and branch.get("type") == "record":
+                out[f["name"]] = tuple(g["name"] for g in branch["fields"])
+    return out
+
+
+def _allow_list_problems(demographic: Any, context: Any) -> list[str]:
+    if not isinstance(demographic, tuple) or not isinstance(context, tuple):
+        return []  # already reported
+    problems = []
+    records = _event_record_fields()
+    for name, record, allowed in (("allowed_demographic_fields", "demographic", demographic),
+                                  ("allowed_context_fields", "context", context)):
+        known = records.get(record, ())
+        unknown = [v for v in allowed if v not in known]
+        if unknown:
+            problems.append(f"{name}: {', '.join(map(repr, unknown))} not a field of the event's {record} record "
+                            f"(avro/onboarding_event.avsc); known: {', '.join(known)}")
+    return problems
+
+
 def _coerce(name: str, raw: Any, target: Any) -> Any:
-    """Convert a string (env or CLI) to the type of the field's default."""
+    """Convert a string (env or CLI) to the type of the field's default; a tuple from a comma-separated list."""
+    if isinstance(target, tuple) and isinstance(raw, list):
+        return tuple(raw)
     if raw is None or not isinstance(raw, str):
         return raw
+    if isinstance(target, tuple):
+        return _split_list(raw)
     try:
         if isinstance(target, bool):
             return raw.strip().lower() in ("1", "true", "yes", "on")

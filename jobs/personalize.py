@@ -131,7 +131,8 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
             Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits,
                         model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms,
                         rules_text=rules_text, rules_path=rules_path,
-                        rules_reload_interval_ms=cfg.rules_reload_interval_ms),
+                        rules_reload_interval_ms=cfg.rules_reload_interval_ms,
+                        profile_policy=cfg.profile_policy()),
             output_type=BYTES,
         )
         .uid("personalize")

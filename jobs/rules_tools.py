@@ -91,7 +91,7 @@ def backtest(events: Iterable[dict[str, Any]], old_rules: Any, new_rules: Any, s
              half_life_ms: float) -> BacktestResult:
     """Replay ``events`` (per user, in event-time order) and decide each with both rule sets.
 
-    The profile is folded once per event with the job's ``apply_event``; both decisions see the same profile and
+    The profile is folded once per event with the job's ``fold_event``; both decisions see the same profile and
     scores, so every difference comes from the rules. Users are counted under the segment of their latest event.
     """
     from udfs.personalizer import Personalizer
@@ -114,7 +114,8 @@ def backtest(events: Iterable[dict[str, Any]], old_rules: Any, new_rules: Any, s
             if event["event_type"] == "erasure_requested":
                 profile = Profile()
                 continue
-            profile = old.update(profile, event)
+            if not old.fold(profile, event):  # a duplicate: the job answers it with nothing
+                continue
             a, b = old.decide(profile, event, decided_at_ms=0), new.decide(profile, event, decided_at_ms=0)
             n_events += 1
             segment_counts["decisions"] += 1

@@ -17,7 +17,7 @@ from udfs.avro_codec import decision_codec, event_codec
 from udfs.features import compute_features, interest_scores
 from udfs.next_step import choose_step, default_flow
 from udfs.personalizer import Personalizer
-from udfs.profile_state import Profile, apply_event, profile_from_state, profile_to_state
+from udfs.profile_state import Profile, fold_event, profile_from_state, profile_to_state
 from udfs.validation import ValidationLimits, decode_event
 
 STAGES = ("decode_validate", "state_io", "profile_update", "features", "inference", "interest", "rule_context",
@@ -36,6 +36,7 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
 
     rules_text, rules_path = resolve_rules(cfg)
     rules = compile_rules_text(rules_text, rules_path) if rules_text else None
+    policy = cfg.profile_policy()
     personalizer = Personalizer(bundle, half_life, rules)
     states: dict[str, bytes] = {}
     totals = dict.fromkeys(STAGES, 0)
@@ -48,7 +49,7 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
         blob = states.get(event["user_id"])
         profile = profile_from_state(pickle.loads(blob)) if blob else Profile()
         t2 = clock()
-        apply_event(profile, event, half_life)
+        fold_event(profile, event, half_life, policy)  # dedup, consent, allow-lists, then the profile update
         t3 = clock()
         features = compute_features(profile, event["event_time"], half_life)
         t4 = clock()

@@ -43,6 +43,18 @@ class FakeCounter:
         self.count += 1
 
 
+class FakeMetrics:
+    """The operator's metric group: counters by name, created on demand (and how often each was created)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, FakeCounter] = {}
+        self.created: dict[str, int] = {}
+
+    def counter(self, name: str) -> FakeCounter:
+        self.created[name] = self.created.get(name, 0) + 1
+        return self.counters.setdefault(name, FakeCounter())
+
+
 class ExplodingScorer:
     version = "m-broken"
 
@@ -50,10 +62,13 @@ class ExplodingScorer:
         raise RuntimeError("model blew up")
 
 
-def _function(scorer=None) -> Personalize:
-    fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(max_event_age_ms=10**13))
-    fn.personalizer = Personalizer(scorer, 3_600_000.0)
+def _function(scorer=None, policy=None) -> Personalize:
+    fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(max_event_age_ms=10**13), profile_policy=policy)
+    fn.personalizer = Personalizer(scorer, 3_600_000.0, None, fn.profile_policy)
     fn.profile_state = FakeState()
+    fn.metrics = FakeMetrics()
+    fn.dead_letter_counters = {}
+    fn.duplicates = FakeCounter()
     fn.encode = decision_codec().encode
     fn.event_codec = event_codec()
     fn.dlq_codec = dead_letter_codec()
@@ -90,6 +105,19 @@ def test_invalid_record_is_dead_lettered_with_its_position():
     assert tag is DEAD_LETTERS and dead["error_code"] == "not_single_object"
     assert (dead["topic"], dead["partition"], dead["offset"]) == ("events", 3, 42)
     assert fn.profile_state.data is None and fn.rejected.count == 1
+    assert fn.metrics.counters["dead_letters_not_single_object"].count == 1
+
+
+def test_dead_letters_are_counted_per_code_with_counters_created_once():
+    fn = _function()
+    for offset in range(3):
+        _run(fn, b"not avro at all", offset=offset)
+    blank_user = make_event("signup", user_id="")
+    _run(fn, event_codec().encode(blank_user))
+    counts = {name: c.count for name, c in fn.metrics.counters.items()}
+    assert counts == {"dead_letters_not_single_object": 3, "dead_letters_missing_user_id": 1}
+    assert set(fn.metrics.created.values()) == {1}  # each counter created once, then taken from the cache
+    assert fn.rejected.count == 4
 
 
 def test_failure_while_personalizing_is_dead_lettered_and_the_job_goes_on():
@@ -103,6 +131,7 @@ def test_failure_while_personalizing_is_dead_lettered_and_the_job_goes_on():
     (decision,) = _run(fn, event_codec().encode(make_event("page_view")))
     assert decision_codec().decode(decision)["step_id"]
     assert fn.failures.count == 1 and fn.decisions.count == 1
+    assert fn.metrics.counters["dead_letters_processing_error"].count == 1
 
 
 def test_erasure_clears_the_profile():

@@ -20,7 +20,7 @@ from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
 from udfs.rules_watch import RulesWatcher, content_sha
-from udfs.profile_state import profile_from_state, profile_to_state
+from udfs.profile_state import ProfilePolicy, profile_from_state, profile_to_state
 from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
 from udfs.wire_peek import routing_key
 
@@ -83,13 +83,20 @@ class Personalize(KeyedProcessFunction):
 
     Decoding here rather than in an operator of its own keeps the job at one Python operator (the key is
     computed in the JVM) and ships raw bytes, not pickled dicts, across the shuffle.
+
+    An event id already seen for the user (:mod:`udfs.dedup`, ids kept in the profile state) yields nothing and
+    counts in ``duplicates``. Dead letters count in ``dead_letters`` and per code in ``dead_letters_<code>``.
+    ``profile_policy`` (consent minimization allow-lists, dedup window) is shipped with the job, like
+    ``half_life_ms``; training folds with the same one.
     """
 
     def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
                  limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0,
-                 rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0):
+                 rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0,
+                 profile_policy: ProfilePolicy | None = None):
         self.bundle_files = bundle_files
         self.half_life_ms = half_life_ms
+        self.profile_policy = profile_policy or ProfilePolicy()
         self.input_topic = input_topic
         self.limits = limits
         self.model_dir = model_dir
@@ -101,6 +108,8 @@ class Personalize(KeyedProcessFunction):
         self.rules_path = rules_path
         self.rules_reload_interval_ms = rules_reload_interval_ms if rules_path else 0
         self.rules_watcher = None
+        self.metrics = None
+        self.dead_letter_counters: dict[str, Any] = {}
 
     def open(self, runtime_context: RuntimeContext) -> None:
         from udfs.model_bundle import ModelBundle  # onnxruntime only where it is used
@@ -110,7 +119,7 @@ class Personalize(KeyedProcessFunction):
         log.info("personalize: model bundle %s", bundle.version if bundle else "none")
         rules = compile_rules_text(self.rules_text, self.rules_path or "rules") if self.rules_text else None
         log.info("personalize: rule set %s", rules.version if rules else "builtin")
-        self.personalizer = Personalizer(bundle, self.half_life_ms, rules)
+        self.personalizer = Personalizer(bundle, self.half_life_ms, rules, self.profile_policy)
         self.rules_watcher = RulesWatcher(Path(self.rules_path or "."), self.rules_reload_interval_ms,
                                           content_sha(self.rules_text) if self.rules_text else None, compile_rules_text)
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
@@ -119,8 +128,10 @@ class Personalize(KeyedProcessFunction):
         self.encode = decision_codec().encode
         self.event_codec = event_codec()
         self.dlq_codec = dead_letter_codec()
-        metrics = runtime_context.get_metrics_group()
+        self.metrics = metrics = runtime_context.get_metrics_group()
+        self.dead_letter_counters = {}
         self.decisions = metrics.counter("decisions")
+        self.duplicates = metrics.counter("duplicates")
         self.rejected = metrics.counter("dead_letters")
         self.failures = metrics.counter("processing_errors")
         self.reloads = metrics.counter("model_reloads")
@@ -139,25 +150,38 @@ class Personalize(KeyedProcessFunction):
             event = decode_event(self.event_codec, value, now_ms, self.limits)
         except InvalidEvent as exc:
             self.rejected.inc()
+            self._count_dead_letter(exc.code)
             yield DEAD_LETTERS, self._dead_letter(record, exc.code, exc.message)
             return
         personalizer = self.personalizer
         try:
             if event["event_type"] == "erasure_requested":
-                self.profile_state.clear()
+                self.profile_state.clear()  # the profile, dedup ids included
                 decision = personalizer.erased(event)
             else:
-                profile = personalizer.update(profile_from_state(self.profile_state.value()), event)
+                profile = profile_from_state(self.profile_state.value())
+                if not personalizer.fold(profile, event):
+                    self.duplicates.inc()
+                    log.debug("duplicate event %s for user %s: no decision", event["event_id"], event["user_id"])
+                    return
                 decision = personalizer.decide(profile, event)
                 self.profile_state.update(profile_to_state(profile))
             out = self.encode(decision)
         except Exception as exc:  # one bad record must not crash the job: dead-letter it with the reason
             self.failures.inc()
+            self._count_dead_letter(PROCESSING_ERROR)
             log.exception("personalize failed for event %s", event.get("event_id"))
             yield DEAD_LETTERS, self._dead_letter(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
             return
         self.decisions.inc()
         yield out
+
+    def _count_dead_letter(self, code: str) -> None:
+        """``dead_letters_<code>``, created on first use and cached (creating a metric is not free)."""
+        counter = self.dead_letter_counters.get(code)
+        if counter is None:
+            counter = self.dead_letter_counters[code] = self.metrics.counter(f"dead_letters_{code}")
+        counter.inc()
 
     def _follow_registry(self, now_ms: int) -> None:
         """Swap the scorer between two events when the registry's CURRENT moved (see udfs/model_watch.py)."""

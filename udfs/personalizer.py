@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from udfs.features import compute_features, interest_scores
 from udfs.next_step import RULES_VERSION, StepChoice, choose_step, default_flow
 from udfs.rules.fields import rule_context
-from udfs.profile_state import Profile, apply_event
+from udfs.profile_state import DEFAULT_POLICY, Profile, ProfilePolicy, fold_event
 
 DECISION_NAMESPACE = uuid.UUID("6f1d2a7e-5b8c-4c1e-9a57-0e7d4f3b2a10")
 NO_MODEL = "none"
@@ -53,18 +53,27 @@ class RuleSet(Protocol):
 
 @dataclass
 class Personalizer:
-    """profile + event -> decision. ``rules``: a compiled rule set, or None for the built-in rules (builtin-1)."""
+    """profile + event -> decision. ``rules``: a compiled rule set, or None for the built-in rules (builtin-1);
+    ``policy``: consent minimization allow-lists and deduplication settings (:class:`ProfilePolicy`)."""
 
     scorer: Scorer | None
     half_life_ms: float
     rules: RuleSet | None = None
+    policy: ProfilePolicy = DEFAULT_POLICY
 
     @property
     def rules_version(self) -> str:
         return self.rules.version if self.rules is not None else RULES_VERSION
 
+    def fold(self, profile: Profile, event: dict[str, Any]) -> bool:
+        """Fold ``event`` into ``profile`` (:func:`udfs.profile_state.fold_event`); False for a duplicate, which must
+        get no decision."""
+        return fold_event(profile, event, self.half_life_ms, self.policy)
+
     def update(self, profile: Profile, event: dict[str, Any]) -> Profile:
-        return apply_event(profile, event, self.half_life_ms)
+        """:meth:`fold`, returning the profile (a duplicate leaves it as it was)."""
+        fold_event(profile, event, self.half_life_ms, self.policy)
+        return profile
 
     def decide(self, profile: Profile, event: dict[str, Any], decided_at_ms: int | None = None) -> dict[str, Any]:
         """The decision record (a dict matching ``avro/next_step_decision.avsc``) for ``event``, given the profile
@@ -72,7 +81,7 @@ class Personalizer:
         now = event["event_time"]
         segment_id, segment_name, churn_risk = -1, "unknown", 0.0
         interest: dict[str, float] = {}
-        personalized = bool(profile.consent_personalization) and self.scorer is not None
+        personalized = profile.consent_personalization is True and self.scorer is not None
         if personalized:
             features = compute_features(profile, now, self.half_life_ms)
             scores = self.scorer.score(features)
@@ -86,7 +95,7 @@ class Personalizer:
         else:
             choice = default_flow(profile)
             choice.reasons.append(
-                "no_model: no model bundle loaded" if profile.consent_personalization else
+                "no_model: no model bundle loaded" if profile.consent_personalization is True else
                 "no_consent: user has not consented to personalization"
             )
         return self._record(event, choice, segment_id, segment_name, churn_risk, interest, personalized, decided_at_ms)

@@ -12,6 +12,28 @@ Interest scores (per topic) are recency-weighted frequencies:
 kept incrementally as (score at last update, time of last update); ``w`` is
 :data:`udfs.onboarding_catalog.INTEREST_WEIGHTS` and ``half_life`` comes from the config
 (``interest_half_life_hours``).
+
+Consent and minimization
+------------------------
+
+The profile holds two kinds of data, with different legal bases:
+
+* **Onboarding progress** (basis: service delivery, kept for every user): ``first_seen_ms``, ``signup_ms``,
+  ``last_event_ms``, ``steps_done``, ``steps_skipped``, ``completed_ms``, the consent flags
+  (``consent_personalization``, ``consent_analytics``, ``consent_marketing``) and ``recent_event_ids``
+  (deduplication, :mod:`udfs.dedup`). The default flow, deduplication and the consent record need no more.
+* **Behavioural data** (basis: consent to personalization): ``counts``, ``sessions``, ``interest``, the timings
+  ``prev_gap_ms``, ``last_step_ms``, ``step_gap_sum_ms``, ``step_gaps``, and ``demographic`` and ``context``.
+  It is kept only while ``consent_personalization is True``: without that consent (never stated counts as no)
+  an event folds into progress only, and an event that sets it to False deletes the behavioural data at once
+  (:func:`clear_behaviour`). A user who consents again starts from an empty behavioural profile.
+
+Minimization: ``demographic`` and ``context`` keep only the fields of the allow-lists in :class:`ProfilePolicy`
+(config ``allowed_demographic_fields`` / ``allowed_context_fields``; ``context.session_id``, a raw identifier,
+is not on the default list), interest only catalog topics (:data:`udfs.onboarding_catalog.TOPICS`) and steps
+only catalog steps; every other event field (ids, free-text properties) is dropped before state.
+
+:func:`fold_event` is the one way the job and training fold an event (dedup, erasure, then :func:`apply_event`).
 """
 
 from __future__ import annotations
@@ -19,10 +41,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from udfs.onboarding_catalog import INTEREST_WEIGHTS, ONBOARDING_STEPS
+from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, is_duplicate, remember
+from udfs.onboarding_catalog import INTEREST_WEIGHTS, ONBOARDING_STEPS, TOPICS
 
 PROFILE_FORMAT = 1
 _STEP_SET = frozenset(ONBOARDING_STEPS)
+_TOPIC_SET = frozenset(TOPICS)
+
+# Data minimization defaults (config: allowed_demographic_fields / allowed_context_fields).
+DEFAULT_DEMOGRAPHIC_FIELDS: tuple[str, ...] = ("country", "age_band", "occupation")
+DEFAULT_CONTEXT_FIELDS: tuple[str, ...] = ("device", "locale", "referral_source")  # not session_id: a raw id
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePolicy:
+    """What may enter the profile and how long event ids are remembered; shipped with the job (small, picklable)
+    and given to training, so both fold events identically."""
+
+    allowed_demographic_fields: tuple[str, ...] = DEFAULT_DEMOGRAPHIC_FIELDS
+    allowed_context_fields: tuple[str, ...] = DEFAULT_CONTEXT_FIELDS
+    dedup_window_ms: int = DEFAULT_WINDOW_MS  # 0 disables deduplication
+    dedup_max_ids: int = DEFAULT_MAX_IDS
+
+
+DEFAULT_POLICY = ProfilePolicy()
 
 
 @dataclass(slots=True)
@@ -45,6 +87,7 @@ class Profile:
     consent_personalization: bool | None = None  # None: never stated
     consent_analytics: bool | None = None
     consent_marketing: bool | None = None
+    recent_event_ids: dict[str, int] = field(default_factory=dict)  # event_id -> event_time, oldest first (dedup)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Profile))
@@ -87,31 +130,83 @@ def _add_interest(profile: Profile, topic: str, weight: float, t_ms: int, half_l
         entry[0] += decayed(weight, t_ms, int(entry[1]), half_life_ms)
 
 
-def apply_event(profile: Profile, event: dict[str, Any], half_life_ms: float) -> Profile:
-    """Fold one validated event into the profile (mutates and returns it)."""
+def _has_behaviour(profile: Profile) -> bool:
+    return bool(profile.counts or profile.sessions or profile.interest or profile.demographic or profile.context
+                or profile.prev_gap_ms or profile.last_step_ms or profile.step_gaps)
+
+
+def clear_behaviour(profile: Profile) -> None:
+    """Delete the behavioural data (consent withdrawn or never given); onboarding progress stays."""
+    profile.counts = {}
+    profile.sessions = 0
+    profile.interest = {}
+    profile.demographic = {}
+    profile.context = {}
+    profile.prev_gap_ms = 0
+    profile.last_step_ms = 0
+    profile.step_gap_sum_ms = 0
+    profile.step_gaps = 0
+
+
+def reset(profile: Profile) -> None:
+    """Erase everything (``erasure_requested``), in place."""
+    fresh = Profile()
+    for name in _FIELD_NAMES:
+        setattr(profile, name, getattr(fresh, name))
+
+
+def fold_event(profile: Profile, event: dict[str, Any], half_life_ms: float, policy: ProfilePolicy = DEFAULT_POLICY) -> bool:
+    """Fold one validated event into the profile the way the job does; False (profile untouched) for a duplicate.
+
+    The one entry point of the stream (:class:`udfs.flink_functions.Personalize`) and of training
+    (:func:`models.training.replay_user`): deduplication (:mod:`udfs.dedup`), erasure (the profile is reset, as
+    the job clears its state), then :func:`apply_event` (consent gating and minimization)."""
+    if is_duplicate(profile, event):
+        return False
+    if event["event_type"] == "erasure_requested":
+        reset(profile)
+        return True
+    apply_event(profile, event, half_life_ms, policy)
+    remember(profile, event, policy.dedup_window_ms, policy.dedup_max_ids)
+    return True
+
+
+def apply_event(profile: Profile, event: dict[str, Any], half_life_ms: float, policy: ProfilePolicy = DEFAULT_POLICY) -> Profile:
+    """Fold one validated event into the profile (mutates and returns it); no deduplication (see :func:`fold_event`).
+
+    The event's consent, if stated, applies first; without personalization consent only progress is folded and
+    any behavioural data left is deleted."""
     t = event["event_time"]
     etype = event["event_type"]
     props = event.get("properties") or {}
+    consent = event.get("consent")
+    if consent:
+        profile.consent_personalization = consent["personalization"]
+        profile.consent_analytics = consent["analytics"]
+        profile.consent_marketing = consent["marketing"]
+    personal = profile.consent_personalization is True
+    if not personal and _has_behaviour(profile):
+        clear_behaviour(profile)
+
     if not profile.first_seen_ms:
         profile.first_seen_ms = t
     if t >= profile.last_event_ms:
-        profile.prev_gap_ms = t - profile.last_event_ms if profile.last_event_ms else 0
+        if personal:
+            profile.prev_gap_ms = t - profile.last_event_ms if profile.last_event_ms else 0
         profile.last_event_ms = t
-    profile.counts[etype] = profile.counts.get(etype, 0) + 1
 
     if etype == "signup":
         if not profile.signup_ms or t < profile.signup_ms:
             profile.signup_ms = t
-    elif etype == "session_start":
-        profile.sessions += 1
     elif etype == "step_completed":
         step = props.get("step_id")
         if step in _STEP_SET and step not in profile.steps_done:
             profile.steps_done.append(step)
-            if profile.last_step_ms and t > profile.last_step_ms:
-                profile.step_gap_sum_ms += t - profile.last_step_ms
-                profile.step_gaps += 1
-            profile.last_step_ms = max(profile.last_step_ms, t)
+            if personal:
+                if profile.last_step_ms and t > profile.last_step_ms:
+                    profile.step_gap_sum_ms += t - profile.last_step_ms
+                    profile.step_gaps += 1
+                profile.last_step_ms = max(profile.last_step_ms, t)
             if step in profile.steps_skipped:
                 profile.steps_skipped.remove(step)
     elif etype == "step_skipped":
@@ -122,25 +217,29 @@ def apply_event(profile: Profile, event: dict[str, Any], half_life_ms: float) ->
         if not profile.completed_ms or t < profile.completed_ms:
             profile.completed_ms = t
 
+    if not personal:
+        return profile
+
+    # Behavioural data: only with consent to personalization, only allow-listed fields.
+    profile.counts[etype] = profile.counts.get(etype, 0) + 1
+    if etype == "session_start":
+        profile.sessions += 1
     weight = INTEREST_WEIGHTS.get(etype)
     if weight is not None:
         topic = props.get("topic")
-        if topic:
+        if topic in _TOPIC_SET:
             _add_interest(profile, topic, weight, t, half_life_ms)
 
     demographic = event.get("demographic")
     if demographic:
-        for key, value in demographic.items():
+        for key in policy.allowed_demographic_fields:
+            value = demographic.get(key)
             if value:
                 profile.demographic[key] = value
     context = event.get("context")
     if context:
-        for key, value in context.items():
+        for key in policy.allowed_context_fields:
+            value = context.get(key)
             if value:
                 profile.context[key] = value
-    consent = event.get("consent")
-    if consent:
-        profile.consent_personalization = consent["personalization"]
-        profile.consent_analytics = consent["analytics"]
-        profile.consent_marketing = consent["marketing"]
     return profile
