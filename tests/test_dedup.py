@@ -10,7 +10,7 @@ import pickle
 from models.generator import generate
 from models.training import group_by_user, replay_user
 from udfs.avro_codec import decision_codec, event_codec
-from udfs.dedup import is_duplicate, remember
+from udfs.dedup import id_key, is_duplicate, remember
 from udfs.features import compute_features
 from udfs.personalizer import Personalizer
 from udfs.profile_state import Profile, ProfilePolicy, fold_event, profile_from_state, profile_to_state
@@ -45,9 +45,9 @@ def test_an_id_older_than_the_window_is_forgotten_and_processed_again():
     old = _consenting(t=NOW_MS)
     fold_event(profile, old, HALF_LIFE)
     fold_event(profile, _consenting(t=NOW_MS + WINDOW), HALF_LIFE)  # exactly at the window's edge: kept
-    assert old["event_id"] in profile.recent_event_ids
+    assert id_key(old["event_id"]) in profile.recent_event_ids
     fold_event(profile, _consenting(t=NOW_MS + WINDOW + 1), HALF_LIFE)  # now older than the window
-    assert old["event_id"] not in profile.recent_event_ids
+    assert id_key(old["event_id"]) not in profile.recent_event_ids
     assert fold_event(profile, old, HALF_LIFE) is True  # outside the window: not a duplicate any more
     assert profile.counts["page_view"] == 4
 
@@ -58,7 +58,7 @@ def test_ids_are_kept_in_time_order_and_capped_oldest_first():
     for e in events:
         remember(profile, e, WINDOW, 3)
     assert [t - NOW_MS for t in profile.recent_event_ids.values()] == [3, 4, 5]
-    kept = {e["event_id"] for e in events if e["event_time"] - NOW_MS >= 3}
+    kept = {id_key(e["event_id"]) for e in events if e["event_time"] - NOW_MS >= 3}
     assert set(profile.recent_event_ids) == kept
 
 

@@ -87,7 +87,7 @@ class Profile:
     consent_personalization: bool | None = None  # None: never stated
     consent_analytics: bool | None = None
     consent_marketing: bool | None = None
-    recent_event_ids: dict[str, int] = field(default_factory=dict)  # event_id -> event_time, oldest first (dedup)
+    recent_event_ids: dict[int, int] = field(default_factory=dict)  # dedup.id_key(event_id) -> event_time, oldest first
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Profile))
