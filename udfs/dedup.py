@@ -37,12 +37,13 @@ def id_key(event_id: str) -> int:
     return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
-def is_duplicate(profile: "Profile", event: dict[str, Any]) -> bool:
-    """True if ``event``'s id was remembered for this user (and not pruned from the window since)."""
-    return id_key(event["event_id"]) in profile.recent_event_ids
+def is_duplicate(profile: "Profile", event: dict[str, Any], key: int | None = None) -> bool:
+    """True if ``event``'s id was remembered for this user (and not pruned from the window since); ``key``:
+    its :func:`id_key`, when the caller has it already."""
+    return (id_key(event["event_id"]) if key is None else key) in profile.recent_event_ids
 
 
-def remember(profile: "Profile", event: dict[str, Any], window_ms: int, max_ids: int) -> None:
+def remember(profile: "Profile", event: dict[str, Any], window_ms: int, max_ids: int, key: int | None = None) -> None:
     """Record ``event``'s id, then drop ids older than ``window_ms`` before the newest event time and, beyond
     ``max_ids``, the oldest. ``window_ms <= 0`` disables deduplication (and forgets what was kept)."""
     ids = profile.recent_event_ids
@@ -51,7 +52,7 @@ def remember(profile: "Profile", event: dict[str, Any], window_ms: int, max_ids:
             ids.clear()
         return
     t = event["event_time"]
-    event_id = id_key(event["event_id"])
+    event_id = id_key(event["event_id"]) if key is None else key
     if not ids:
         ids[event_id] = t
         return

@@ -143,9 +143,9 @@ class Personalize(KeyedProcessFunction):
         value = record[0]
         now_ms = _now_ms()
         if self.watcher.due(now_ms):
-            self._follow_registry(now_ms)
+            self._follow(self.watcher, "scorer", self.reloads, self.reload_refusals, now_ms)
         if self.rules_watcher.due(now_ms):
-            self._follow_rules(now_ms)
+            self._follow(self.rules_watcher, "rules", self.rules_reloads, self.rules_refusals, now_ms)
         try:
             event = decode_event(self.event_codec, value, now_ms, self.limits)
         except InvalidEvent as exc:
@@ -183,25 +183,16 @@ class Personalize(KeyedProcessFunction):
             counter = self.dead_letter_counters[code] = self.metrics.counter(f"dead_letters_{code}")
         counter.inc()
 
-    def _follow_registry(self, now_ms: int) -> None:
-        """Swap the scorer between two events when the registry's CURRENT moved (see udfs/model_watch.py)."""
-        refused_before = len(self.watcher.refused)
-        bundle = self.watcher.poll(now_ms)
-        if bundle is not None:
-            self.personalizer.scorer = bundle
-            self.reloads.inc()
-        if len(self.watcher.refused) > refused_before:
-            self.reload_refusals.inc()
-
-    def _follow_rules(self, now_ms: int) -> None:
-        """Swap the rule set between two events when the rules file changed (see udfs/rules_watch.py)."""
-        refused_before = len(self.rules_watcher.refused)
-        rules = self.rules_watcher.poll(now_ms)
-        if rules is not None:
-            self.personalizer.rules = rules
-            self.rules_reloads.inc()
-        if len(self.rules_watcher.refused) > refused_before:
-            self.rules_refusals.inc()
+    def _follow(self, watcher: Any, attribute: str, reloads: Any, refusals: Any, now_ms: int) -> None:
+        """Swap the personalizer's ``attribute`` (scorer or rules) between two events when ``watcher`` (see
+        udfs/model_watch.py, udfs/rules_watch.py) has a new one; count reloads and refusals."""
+        refused_before = len(watcher.refused)
+        new = watcher.poll(now_ms)
+        if new is not None:
+            setattr(self.personalizer, attribute, new)
+            reloads.inc()
+        if len(watcher.refused) > refused_before:
+            refusals.inc()
 
     def _dead_letter(self, record: Any, code: str, message: str) -> bytes:
         return dead_letter_bytes(record[0], record[1] or self.input_topic, record[2], record[3], code, message,

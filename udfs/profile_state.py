@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, is_duplicate, remember
+from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, id_key, is_duplicate, remember
 from udfs.onboarding_catalog import INTEREST_WEIGHTS, ONBOARDING_STEPS, TOPICS
 
 PROFILE_FORMAT = 1
@@ -161,13 +161,14 @@ def fold_event(profile: Profile, event: dict[str, Any], half_life_ms: float, pol
     The one entry point of the stream (:class:`udfs.flink_functions.Personalize`) and of training
     (:func:`models.training.replay_user`): deduplication (:mod:`udfs.dedup`), erasure (the profile is reset, as
     the job clears its state), then :func:`apply_event` (consent gating and minimization)."""
-    if is_duplicate(profile, event):
+    key = id_key(event["event_id"])  # hashed once for both the check and the record
+    if is_duplicate(profile, event, key):
         return False
     if event["event_type"] == "erasure_requested":
         reset(profile)
         return True
     apply_event(profile, event, half_life_ms, policy)
-    remember(profile, event, policy.dedup_window_ms, policy.dedup_max_ids)
+    remember(profile, event, policy.dedup_window_ms, policy.dedup_max_ids, key)
     return True
 
 
