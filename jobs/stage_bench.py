@@ -55,7 +55,8 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
         t4 = clock()
         scores = bundle.score(features)
         t5 = clock()
-        interest = interest_scores(profile, event["event_time"], half_life) if profile.consent_personalization else {}
+        personal = profile.consent_personalization
+        interest = interest_scores(profile, event["event_time"], half_life, features) if personal else {}
         top = max(interest, key=interest.__getitem__) if interest else None
         t5a = clock()
         ctx = rule_context(profile, features, scores, top, event) if rules is not None else None

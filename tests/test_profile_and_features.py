@@ -104,3 +104,11 @@ def test_feature_vector_shape_and_values():
 def test_decay_never_grows():
     assert decayed(2.0, NOW_MS, NOW_MS - 10, HALF_LIFE) == 2.0
     assert decayed(2.0, NOW_MS, NOW_MS + HALF_LIFE, HALF_LIFE) == pytest.approx(1.0)
+
+
+def test_interest_scores_from_the_feature_vector_equal_the_decayed_ones():
+    profile = _fold([make_event("feature_used", t=NOW_MS, topic="analytics"),
+                     make_event("page_view", t=NOW_MS + HOUR, topic="automation")])
+    now = NOW_MS + 5 * HOUR
+    features = compute_features(profile, now, HALF_LIFE)
+    assert interest_scores(profile, now, HALF_LIFE, features) == interest_scores(profile, now, HALF_LIFE)

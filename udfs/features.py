@@ -70,9 +70,17 @@ def compute_features(profile: Profile, now_ms: int, half_life_ms: float) -> list
     return vector
 
 
-def interest_scores(profile: Profile, now_ms: int, half_life_ms: float) -> dict[str, float]:
-    """Decayed interest per topic the user has touched, for the decision record."""
-    return {
-        topic: round(decayed(score, int(at), now_ms, half_life_ms), 4)
-        for topic, (score, at) in profile.interest.items()
-    }
+_INTEREST_AT = {topic: FEATURE_NAMES.index(f"interest_{topic}") for topic in TOPICS}
+
+
+def interest_scores(profile: Profile, now_ms: int, half_life_ms: float,
+                    features: list[float] | None = None) -> dict[str, float]:
+    """Decayed interest per topic the user has touched, for the decision record. ``features``: the vector
+    :func:`compute_features` made for the same ``now_ms``, whose interest columns are these scores already
+    (the job passes it, so each score is decayed once per event, not twice)."""
+    out = {}
+    for topic, (score, at) in profile.interest.items():
+        column = _INTEREST_AT.get(topic) if features is not None else None
+        value = features[column] if column is not None else decayed(score, int(at), now_ms, half_life_ms)
+        out[topic] = round(value, 4)
+    return out

@@ -86,7 +86,7 @@ class Personalizer:
             features = compute_features(profile, now, self.half_life_ms)
             scores = self.scorer.score(features)
             segment_id, segment_name, churn_risk = scores.segment_id, scores.segment_name, scores.churn_risk
-            interest = interest_scores(profile, now, self.half_life_ms)
+            interest = interest_scores(profile, now, self.half_life_ms, features)
             top_topic = max(interest, key=interest.__getitem__) if interest else None
             if self.rules is not None:
                 choice = self.rules.evaluate(rule_context(profile, features, scores, top_topic, event))
