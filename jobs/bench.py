@@ -220,6 +220,7 @@ class Bench:
                 out = reader.received
             else:
                 out = self._collect(cfg, variant, n, timeout_s=60 + cfg.checkpoint_interval_ms / 1000)
+            gc_metrics = _gc_metrics(cfg, job_id)
         finally:
             flink_jobs.cancel(cfg, job_id)
         latencies = [ts - sent[eid] for eid, ts in out if eid in sent]
@@ -231,7 +232,21 @@ class Bench:
             "warmup_s": warmup_s,
             "measured_events": len(latencies),
             "latency_ms": percentiles(latencies),
+            **gc_metrics,
         }
+
+
+def _gc_metrics(cfg: OnrampConfig, job_id: str) -> dict[str, Any]:
+    """Full Python GC collections during the run and the longest pause, when the job reports them (the full
+    job does, udfs/gc_pauses.py; the bare one does not): the usual suspect for the latency tail."""
+    from jobs import flink_jobs
+
+    try:
+        found = flink_jobs.operator_metrics(cfg, job_id, ("gc_full_collections", "gc_max_full_pause_ms"))
+    except Exception as exc:  # a figure we could not read must not fail the benchmark
+        log.warning("could not read GC metrics: %s", exc)
+        return {}
+    return {k: int(v) for k, v in found.items()}
 
 
 def machine_facts(cfg: OnrampConfig) -> dict[str, Any]:

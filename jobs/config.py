@@ -53,6 +53,10 @@ class OnrampConfig:
     # the keyed operator's thread (a syscall and a lock hand-off per decision), which capped throughput at
     # ~3,800 events/s against ~5,600 with 5 ms (docs/performance.md).
     sink_linger_ms: int = 5
+    # Freeze the TaskManager interpreter's start-up heap (gc.freeze) once the personalize operator is open: a
+    # full garbage collection then skips ~140k long-lived objects instead of pausing ~100-170 ms, which set the
+    # p99/max latency (udfs/gc_pauses.py, docs/performance.md). Off only to measure the difference.
+    gc_freeze: bool = True
     # Validation of incoming events
     max_future_skew_ms: int = 5 * 60 * 1000
     max_event_age_ms: int = 365 * 24 * 3600 * 1000

@@ -50,6 +50,25 @@ def list_jobs(cfg: OnrampConfig) -> list[dict[str, Any]]:
     return rest(cfg, "/jobs/overview").get("jobs", [])
 
 
+def operator_metrics(cfg: OnrampConfig, job_id: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Current values of user metrics (e.g. the personalize function's ``gc_full_collections``), summed over
+    subtasks, by metric name. Metric ids in the REST API look like ``0.personalize.<name>``; a metric not
+    reported (yet) is left out."""
+    found: dict[str, float] = {}
+    for vertex in rest(cfg, f"/jobs/{job_id}").get("vertices", []):
+        base = f"/jobs/{job_id}/vertices/{vertex['id']}/metrics"
+        ids = [m["id"] for m in rest(cfg, base) or [] if m["id"].rsplit(".", 1)[-1] in names]
+        if not ids:
+            continue
+        for metric in rest(cfg, base + "?get=" + ",".join(ids)) or []:
+            name = metric["id"].rsplit(".", 1)[-1]
+            try:
+                found[name] = found.get(name, 0.0) + float(metric["value"])
+            except (TypeError, ValueError):
+                continue
+    return found
+
+
 def running_jobs(cfg: OnrampConfig, name: str) -> list[dict[str, Any]]:
     return [j for j in list_jobs(cfg) if j["name"] == name and j["state"] in ("RUNNING", "CREATED", "RESTARTING", "INITIALIZING")]
 

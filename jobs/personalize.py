@@ -132,7 +132,7 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms,
                         rules_text=rules_text, rules_path=rules_path,
                         rules_reload_interval_ms=cfg.rules_reload_interval_ms,
-                        profile_policy=cfg.profile_policy()),
+                        profile_policy=cfg.profile_policy(), gc_freeze=cfg.gc_freeze),
             output_type=BYTES,
         )
         .uid("personalize")

@@ -16,6 +16,7 @@ from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
+from udfs import gc_pauses
 from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
@@ -93,8 +94,9 @@ class Personalize(KeyedProcessFunction):
     def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
                  limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0,
                  rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0,
-                 profile_policy: ProfilePolicy | None = None):
+                 profile_policy: ProfilePolicy | None = None, gc_freeze: bool = True):
         self.bundle_files = bundle_files
+        self.gc_freeze = gc_freeze
         self.half_life_ms = half_life_ms
         self.profile_policy = profile_policy or ProfilePolicy()
         self.input_topic = input_topic
@@ -138,6 +140,11 @@ class Personalize(KeyedProcessFunction):
         self.reload_refusals = metrics.counter("model_reload_refusals")
         self.rules_reloads = metrics.counter("rules_reloads")
         self.rules_refusals = metrics.counter("rules_reload_refusals")
+        pauses = gc_pauses.install()
+        metrics.gauge("gc_full_collections", pauses.full_collections)
+        metrics.gauge("gc_max_full_pause_ms", lambda: int(pauses.max_full_pause_ms()))
+        if self.gc_freeze:
+            gc_pauses.freeze_startup_heap()  # last: everything open() loaded is long-lived
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         value = record[0]
