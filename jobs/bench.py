@@ -122,9 +122,11 @@ class Bench:
             input_topic=f"bench-{self.run_id}-{name}-in",
             decisions_topic=f"bench-{self.run_id}-{name}-out",
             dead_letter_topic=f"bench-{self.run_id}-{name}-dlq",
+            audit_topic=f"bench-{self.run_id}-{name}-audit",
+            control_topic=f"bench-{self.run_id}-{name}-control",
             group_id=f"bench-{self.run_id}-{name}",
         )
-        ensure_topics(cfg, [cfg.input_topic, cfg.dead_letter_topic])
+        ensure_topics(cfg, [t for t in cfg.job_topics() if t != cfg.decisions_topic])
         ensure_topics(cfg, [cfg.decisions_topic], configs={"message.timestamp.type": "LogAppendTime"})
         return cfg
 

@@ -37,6 +37,10 @@ class OnrampConfig:
     input_topic: str = "onboarding-events"
     decisions_topic: str = "next-step-decisions"
     dead_letter_topic: str = "onboarding-dead-letters"
+    # Audit records (avro/audit_record.avsc): one per decision, erasure and state check; "" turns them off
+    audit_topic: str = "onramp-audit"
+    # Messages to one key of the running job (state checks; udfs/control.py), read next to the input topic
+    control_topic: str = "onramp-control"
     group_id: str = "onramp-personalize"
     topic_partitions: int = 1
     # Flink
@@ -82,6 +86,10 @@ class OnrampConfig:
     state_dir: Path = REPO_ROOT / ".onramp"
     jars_dir: Path = REPO_ROOT / ".cache" / "jars"
     model_dir: Path = REPO_ROOT / ".onramp" / "models"
+    # Pseudonymization key (udfs/pseudonym.py): read by every TaskManager from this path, unless the TaskManager
+    # has ONRAMP_PSEUDONYM_KEY in its environment. Only the path travels with the job, never the key.
+    # `onramp up` creates it for the local cluster; on a real cluster mount it (a Kubernetes Secret).
+    pseudonym_key_file: Path = REPO_ROOT / ".onramp" / "secrets" / "pseudonym.key"
     # Local services
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
@@ -122,12 +130,23 @@ class OnrampConfig:
             problems.append("churn_horizon_hours must be > 0")
         if self.rules_file != BUILTIN_RULES and not Path(self.rules_file).is_file():
             problems.append(f"rules_file {self.rules_file!r} does not exist (a YAML rule set, or {BUILTIN_RULES!r})")
+        if not self.control_topic.strip():
+            problems.append("control_topic must not be empty (the job reads state checks from it)")
+        named = [t for t in (self.input_topic, self.decisions_topic, self.dead_letter_topic, self.audit_topic,
+                             self.control_topic) if t]
+        if len(set(named)) != len(named):
+            problems.append(f"input, decisions, dead-letter, audit and control topics must differ, got {named}")
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers must not be empty")
         if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:
             problems.append("transaction_timeout_ms must stay below the broker's transaction.max.timeout.ms (900000)")
         if problems:
             raise ConfigError("invalid Onramp configuration:\n  - " + "\n  - ".join(problems))
+
+    def job_topics(self) -> list[str]:
+        """Every topic the personalize job reads or writes (created by `onramp up` / `onramp submit`)."""
+        return [t for t in (self.input_topic, self.decisions_topic, self.dead_letter_topic, self.audit_topic,
+                            self.control_topic) if t]
 
     @property
     def run_dir(self) -> Path:
@@ -237,4 +256,7 @@ def load_config(
         values["flink_rest_url"] = f"http://localhost:{values['flink_rest_port']}"
     if "state_dir" in values and "model_dir" not in values and base.model_dir == base.state_dir / "models":
         values["model_dir"] = Path(values["state_dir"]) / "models"
+    if ("state_dir" in values and "pseudonym_key_file" not in values
+            and base.pseudonym_key_file == base.state_dir / "secrets" / "pseudonym.key"):
+        values["pseudonym_key_file"] = Path(values["state_dir"]) / "secrets" / "pseudonym.key"
     return dataclasses.replace(base, **values)

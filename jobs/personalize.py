@@ -2,12 +2,14 @@
 
 Graph (one Python operator; everything around it runs in the JVM):
 
-    Kafka SQL source (value, partition, offset, routing key = onramp_routing_key(value), Java)
+    Kafka SQL source: input + control topics (key, value, partition, offset;
+      routing key = onramp_routing_key(value) (Java: pseudonym of the user id), or the control record's key)
       -> key by routing key (JVM) -> Personalize (Python) --(dead letters)--> KafkaSink(dead letters)
-                                                |
+                                                |        \--(audit)-------> KafkaSink(audit)
                                                 +--> KafkaSink(decisions)
 
-Personalize decodes and validates each record once, then updates the profile, scores, and decides.
+Personalize decodes and validates each record once, then updates the profile, scores, and decides; records of
+the control topic (udfs/control.py) are messages to the key they name, such as a state check.
 
 Run it with ``onramp submit`` (which calls ``flink run -py jobs/personalize.py --config-json ...``), or import
 :func:`build_pipeline` to wire it to other sources and sinks (the mini-cluster tests do).
@@ -20,7 +22,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyflink.common import Configuration, Types
 from pyflink.common.serialization import ByteArraySchema
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import BYTES, DEAD_LETTERS, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
+from udfs.flink_functions import AUDIT, BYTES, DEAD_LETTERS, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
@@ -46,6 +48,8 @@ JOB_NAME = "onramp-personalize"
 # The Java SQL function that reads the user id off the wire (jvm/src/main/java/io/onramp/flink/RoutingKey.java).
 ROUTING_KEY_FUNCTION = "onramp_routing_key"
 ROUTING_KEY_CLASS = "io.onramp.flink.RoutingKey"
+# Job parameter naming the pseudonymization key file (RoutingKey.KEY_FILE_PARAMETER in the Java function).
+KEY_FILE_PARAMETER = "onramp.pseudonym-key-file"
 
 
 def python_settings(cfg: OnrampConfig) -> dict[str, str]:
@@ -68,6 +72,10 @@ def create_env(cfg: OnrampConfig, jars: list[Path] | None = None) -> StreamExecu
     conf = Configuration()
     for key, value in python_settings(cfg).items():
         conf.set_string(key, value)
+    # The Java routing-key function reads the pseudonymization key from this file on each TaskManager: the job
+    # graph carries the path, never the key (udfs/pseudonym.py).
+    conf.set_string("pipeline.global-job-parameters",
+                    f"{KEY_FILE_PARAMETER}:{Path(cfg.pseudonym_key_file).resolve()}")
     for key, value in cfg.extra.items():  # pass-through: flink.<option> -> <option>
         if key.startswith("flink."):
             conf.set_string(key[len("flink."):], str(value))
@@ -119,9 +127,17 @@ def key_by_routing_key(records: DataStream) -> KeyedStream:
     return KeyedStream(records._j_data_stream.keyBy(selector, key_type), KAFKA_RECORD, records)
 
 
-def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> tuple[DataStream, DataStream]:
+class JobOutputs(NamedTuple):
+    """The personalize operator's outputs, each a stream of encoded records."""
+
+    decisions: DataStream
+    dead_letters: DataStream
+    audit: DataStream  # empty when cfg.audit_topic is ""
+
+
+def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> JobOutputs:
     """Wire the Onramp operators onto a stream of :data:`ROUTED_RECORD` rows ``Row(routing_key, Row(value,
-    topic, partition, offset))``; returns (decisions, dead letters), both encoded bytes."""
+    topic, partition, offset))``."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
     rules_text, rules_path = resolve_rules(cfg)
@@ -132,13 +148,15 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms,
                         rules_text=rules_text, rules_path=rules_path,
                         rules_reload_interval_ms=cfg.rules_reload_interval_ms,
-                        profile_policy=cfg.profile_policy(), gc_freeze=cfg.gc_freeze),
+                        profile_policy=cfg.profile_policy(), gc_freeze=cfg.gc_freeze,
+                        control_topic=cfg.control_topic, audit=bool(cfg.audit_topic),
+                        key_file=str(Path(cfg.pseudonym_key_file).resolve())),
             output_type=BYTES,
         )
         .uid("personalize")
         .name("personalize")
     )
-    return decisions, decisions.get_side_output(DEAD_LETTERS)
+    return JobOutputs(decisions, decisions.get_side_output(DEAD_LETTERS), decisions.get_side_output(AUDIT))
 
 
 def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:
@@ -163,12 +181,15 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
     """
     options = {
         "connector": "kafka",
-        "topic": cfg.input_topic,
+        "topic": f"{cfg.input_topic};{cfg.control_topic}",
         "properties.bootstrap.servers": cfg.bootstrap_servers,
         "properties.group.id": cfg.group_id,
         "properties.auto.offset.reset": "earliest",
         "scan.startup.mode": "group-offsets",
-        "format": "raw",
+        "key.format": "raw",
+        "key.fields": "key",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
     }
     if cfg.delivery == "exactly-once":
         options["properties.isolation.level"] = "read_committed"
@@ -179,13 +200,14 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
     t_env = StreamTableEnvironment.create(env)
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
-        "CREATE TEMPORARY TABLE onboarding_events (`value` BYTES, `topic` STRING METADATA VIRTUAL, "
+        "CREATE TEMPORARY TABLE onboarding_events (`key` BYTES, `value` BYTES, `topic` STRING METADATA VIRTUAL, "
         "`partition` INT METADATA VIRTUAL, `offset` BIGINT METADATA VIRTUAL) WITH ("
         + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
         + ")"
     )
     routed = t_env.sql_query(
-        f"SELECT {ROUTING_KEY_FUNCTION}(`value`) AS routing_key, "
+        f"SELECT CASE WHEN `topic` = {_sql_string(cfg.control_topic)} THEN COALESCE(DECODE(`key`, 'UTF-8'), '') "
+        f"ELSE {ROUTING_KEY_FUNCTION}(`value`) END AS routing_key, "
         "ROW(`value`, `topic`, `partition`, `offset`) AS record FROM onboarding_events"
     )
     stream = t_env.to_data_stream(routed)
@@ -217,9 +239,11 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
 
 def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounded: bool = False) -> StreamExecutionEnvironment:
     env = create_env(cfg, jars)
-    decisions, dead_letters = build_pipeline(kafka_records(env, cfg, bounded=bounded), cfg)
-    decisions.sink_to(kafka_sink(cfg, cfg.decisions_topic, "decisions")).uid("decisions-sink").name("decisions-sink")
-    dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
+    outputs = build_pipeline(kafka_records(env, cfg, bounded=bounded), cfg)
+    outputs.decisions.sink_to(kafka_sink(cfg, cfg.decisions_topic, "decisions")).uid("decisions-sink").name("decisions-sink")
+    outputs.dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
+    if cfg.audit_topic:
+        outputs.audit.sink_to(kafka_sink(cfg, cfg.audit_topic, "audit")).uid("audit-sink").name("audit-sink")
     return env
 
 

@@ -754,9 +754,13 @@ def up(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
     Returns status-like dicts per service, plus ``started`` (False when it was already running) and
     ``seconds`` (time to healthy) for what it started. Raises ServiceError with what to do.
     """
+    from udfs.pseudonym import ensure_key_file
+
     p = _paths(cfg)
     out: dict[str, Any] = {}
     with _services_lock(cfg):
+        if flink:  # its TaskManagers read the pseudonymization key from this file; made once, kept across restarts
+            ensure_key_file(cfg.pseudonym_key_file)
         if kafka:
             out["kafka"] = _start_kafka(cfg, p)
         if flink:

@@ -68,9 +68,12 @@ from udfs.validation import (
     ValidationLimits,
     decode_event,
 )
+from udfs.pseudonym import key_from_text
 from udfs.wire_peek import routing_key
 
 from tests.conftest import NOW_MS, make_event
+
+KEY = key_from_text("fuzz-" * 8, "test")
 from tests.test_personalize_function import FakeState, _function
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +328,8 @@ def test_structured_events_decide_or_dead_letter(payload):
 @given(any_payload)
 def test_routing_key_never_raises(payload):
     """The key selector runs before decoding, on the same untrusted bytes."""
-    assert isinstance(routing_key(payload), str)
+    key = routing_key(payload, KEY)
+    assert isinstance(key, str) and len(key) in (0, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

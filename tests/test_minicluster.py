@@ -31,7 +31,9 @@ def _run_on_minicluster(cfg, payloads: list[bytes], bundle_path: Path) -> list[b
 
     from jobs.personalize import build_pipeline, create_env
     from udfs.flink_functions import ROUTED_RECORD, routed
+    from udfs.pseudonym import ensure_key_file
 
+    key = ensure_key_file(cfg.pseudonym_key_file)
     env = create_env(cfg)
     # from_collection cannot carry byte[] in PyFlink 2.2 (ClassCastException in PythonBridgeUtils); carry the
     # payloads as latin-1 strings with their offset and build the routed Kafka-shaped rows in a chained map.
@@ -39,9 +41,9 @@ def _run_on_minicluster(cfg, payloads: list[bytes], bundle_path: Path) -> list[b
     records = env.from_collection(
         [(offset, p.decode("latin-1")) for offset, p in enumerate(payloads)],
         type_info=Types.TUPLE([Types.LONG(), Types.STRING()]),
-    ).map(lambda t: routed(Row(t[1].encode("latin-1"), topic, 0, t[0])), output_type=ROUTED_RECORD)
-    decisions, dead_letters = build_pipeline(records, cfg, bundle_path=bundle_path)
-    with decisions.union(dead_letters).execute_and_collect("onramp-minicluster-test") as results:
+    ).map(lambda t: routed(Row(t[1].encode("latin-1"), topic, 0, t[0]), key), output_type=ROUTED_RECORD)
+    outputs = build_pipeline(records, cfg, bundle_path=bundle_path)
+    with outputs.decisions.union(outputs.dead_letters).execute_and_collect("onramp-minicluster-test") as results:
         return [bytes(b % 256 for b in value) for value in results]
 
 
@@ -83,23 +85,30 @@ def test_keyed_job_decides_every_valid_event_and_dead_letters_the_rest(trained_m
         assert {**decision, "decided_at": 0, "churn_risk": pytest.approx(want["churn_risk"], abs=1e-6)} == want
 
 
-def test_java_routing_key_agrees_with_the_python_one():
+def test_java_routing_key_agrees_with_the_python_one(tmp_path):
     """The Kafka source keys by ``onramp_routing_key`` (Java, jvm/src); the offline code and tests use
-    udfs.wire_peek.routing_key. Both must route every payload, valid or broken, to the same user."""
+    udfs.wire_peek.routing_key. Both must route every payload, valid or broken, to the same pseudonym, with the
+    key read from the file the job parameter names."""
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
     from jobs.personalize import ROUTING_KEY_CLASS, ROUTING_KEY_FUNCTION
     from jobs.provision import flink_job_jars
     from jobs.python_env import ensure_embedded_python_path
     from tests.conftest import make_event
+    from jobs.personalize import KEY_FILE_PARAMETER
+    from udfs.pseudonym import write_new_key
     from udfs.wire_peek import routing_key
 
+    key = write_new_key(tmp_path / "pseudonym.key")
     codec = event_codec()
     valid = codec.encode(make_event(user_id="ü-user-" + "x" * 70))  # multi-byte UTF-8, two-byte varint length
     payloads = [
         valid,
         codec.encode(make_event(user_id="u-1")),
         codec.encode(make_event(user_id="")),
+        codec.encode({**make_event(user_id=""), "anonymous_id": "device-ü-1"}),  # before signup: by anonymous id
+        codec.encode({**make_event(user_id="u-2"), "anonymous_id": "device-1"}),  # alias link: by user id
+        codec.encode({**make_event(user_id=""), "anonymous_id": ""}),
         valid[:12],  # cut inside the first string
         b"\x00\x01" + valid[2:],  # not single-object encoded
         b"",
@@ -110,6 +119,7 @@ def test_java_routing_key_agrees_with_the_python_one():
     ensure_embedded_python_path()
     t_env = TableEnvironment.create(EnvironmentSettings.in_batch_mode())
     t_env.get_config().set("pipeline.jars", ";".join(j.as_uri() for j in flink_job_jars(load_config())))
+    t_env.get_config().set("pipeline.global-job-parameters", f"{KEY_FILE_PARAMETER}:{tmp_path / 'pseudonym.key'}")
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     values = ", ".join(f"({i}, X'{p.hex()}')" for i, p in enumerate(payloads))
     rows = t_env.execute_sql(
@@ -117,4 +127,5 @@ def test_java_routing_key_agrees_with_the_python_one():
     ).collect()
     with rows:
         java = {row[0]: row[1] for row in rows}
-    assert java == {i: routing_key(p) for i, p in enumerate(payloads)}
+    assert java == {i: routing_key(p, key) for i, p in enumerate(payloads)}
+    assert java[1] == key.user("u-1") and java[3] == key.anon("device-ü-1") and java[4] == key.user("u-2")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyflink.common import Row
 
-from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
+from udfs.avro_codec import audit_codec, dead_letter_codec, decision_codec, event_codec
 from udfs.flink_functions import DEAD_LETTERS, Personalize
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
@@ -62,8 +62,11 @@ class ExplodingScorer:
         raise RuntimeError("model blew up")
 
 
-def _function(scorer=None, policy=None) -> Personalize:
-    fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(max_event_age_ms=10**13), profile_policy=policy)
+def _function(scorer=None, policy=None, audit: bool = False) -> Personalize:
+    fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(max_event_age_ms=10**13), profile_policy=policy,
+                     control_topic="control", audit=audit)
+    fn.key_id = "k-test"
+    fn.audit_encode = audit_codec().encode
     fn.personalizer = Personalizer(scorer, 3_600_000.0, None, fn.profile_policy)
     fn.profile_state = FakeState()
     fn.metrics = FakeMetrics()

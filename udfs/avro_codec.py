@@ -29,6 +29,7 @@ AVRO_DIR = Path(os.environ.get("ONRAMP_AVRO_DIR", Path(__file__).resolve().paren
 EVENT_SCHEMA = "io.onramp.OnboardingEvent"
 DECISION_SCHEMA = "io.onramp.NextStepDecision"
 DEAD_LETTER_SCHEMA = "io.onramp.DeadLetter"
+AUDIT_SCHEMA = "io.onramp.AuditRecord"
 
 
 class CodecError(ValueError):
@@ -173,3 +174,7 @@ def decision_codec(store: SchemaStore | None = None) -> SingleObjectCodec:
 
 def dead_letter_codec(store: SchemaStore | None = None) -> SingleObjectCodec:
     return SingleObjectCodec(store or default_store(), DEAD_LETTER_SCHEMA)
+
+
+def audit_codec(store: SchemaStore | None = None) -> SingleObjectCodec:
+    return SingleObjectCodec(store or default_store(), AUDIT_SCHEMA)

@@ -16,11 +16,13 @@ from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
-from udfs import gc_pauses
-from udfs.avro_codec import dead_letter_codec, decision_codec, event_codec
+from udfs import control, gc_pauses
+from udfs.audit import decision_audit, erasure_audit, state_check_audit
+from udfs.avro_codec import audit_codec, dead_letter_codec, decision_codec, event_codec
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
 from udfs.rules_watch import RulesWatcher, content_sha
+from udfs.pseudonym import PseudonymKey, load_key
 from udfs.profile_state import ProfilePolicy, profile_from_state, profile_to_state
 from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
 from udfs.wire_peek import routing_key
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
+AUDIT = OutputTag("audit", BYTES)
 # One input record: the Kafka value and where it was read (for dead letters).
 KAFKA_RECORD = Types.ROW_NAMED(["value", "topic", "partition", "offset"], [BYTES, Types.STRING(), Types.INT(), Types.LONG()])
 # What the keyed operator's input carries: the user id to key by (read off the wire) and the record.
@@ -39,12 +42,18 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def routed(record: Any) -> Any:
+def _subject(ctx: Any) -> str:
+    """The pseudonym the current record is keyed by (the key is ``Row(routing_key)``)."""
+    return ctx.get_current_key()[0]
+
+
+def routed(record: Any, key: PseudonymKey) -> Any:
     """``Row(routing_key, record)`` for a :data:`KAFKA_RECORD` built in Python (tests, custom sources); the Kafka
-    source computes the same key in SQL with the Java twin of :func:`udfs.wire_peek.routing_key`."""
+    source computes the same key in SQL with the Java twin of :func:`udfs.wire_peek.routing_key`. A function
+    that captures ``key`` carries it in the job graph: tests only, or load it in the function's ``open()``."""
     from pyflink.common import Row
 
-    return Row(routing_key(record[0]), record)
+    return Row(routing_key(record[0], key), record)
 
 
 def dead_letter_bytes(original: bytes, topic: str, partition: int, offset: int, code: str, message: str,
@@ -94,9 +103,14 @@ class Personalize(KeyedProcessFunction):
     def __init__(self, bundle_files: dict[str, bytes] | None, half_life_ms: float, input_topic: str,
                  limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0,
                  rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0,
-                 profile_policy: ProfilePolicy | None = None, gc_freeze: bool = True):
+                 profile_policy: ProfilePolicy | None = None, gc_freeze: bool = True,
+                 control_topic: str = "", audit: bool = False, key_file: str | None = None):
         self.bundle_files = bundle_files
         self.gc_freeze = gc_freeze
+        self.control_topic = control_topic
+        self.audit = audit
+        self.key_file = key_file
+        self.key_id = ""
         self.half_life_ms = half_life_ms
         self.profile_policy = profile_policy or ProfilePolicy()
         self.input_topic = input_topic
@@ -128,6 +142,9 @@ class Personalize(KeyedProcessFunction):
                                      bundle.version if bundle else None, self.half_life_ms / 3_600_000.0)
         self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))
         self.encode = decision_codec().encode
+        # Read on the TaskManager (file or ONRAMP_PSEUDONYM_KEY), like the Java routing key: never in the job graph.
+        self.key_id = load_key(self.key_file).key_id
+        self.audit_encode = audit_codec().encode
         self.event_codec = event_codec()
         self.dlq_codec = dead_letter_codec()
         self.metrics = metrics = runtime_context.get_metrics_group()
@@ -148,6 +165,9 @@ class Personalize(KeyedProcessFunction):
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         value = record[0]
+        if record[1] == self.control_topic and self.control_topic:
+            yield from self._control(record, ctx)
+            return
         now_ms = _now_ms()
         if self.watcher.due(now_ms):
             self._follow(self.watcher, "scorer", self.reloads, self.reload_refusals, now_ms)
@@ -161,19 +181,25 @@ class Personalize(KeyedProcessFunction):
             yield DEAD_LETTERS, self._dead_letter(record, exc.code, exc.message)
             return
         personalizer = self.personalizer
+        audit = None
         try:
             if event["event_type"] == "erasure_requested":
                 self.profile_state.clear()  # the profile, dedup ids included
                 decision = personalizer.erased(event)
+                if self.audit:
+                    audit = erasure_audit(decision, _subject(ctx), self.key_id)
             else:
                 profile = profile_from_state(self.profile_state.value())
                 if not personalizer.fold(profile, event):
                     self.duplicates.inc()
-                    log.debug("duplicate event %s for user %s: no decision", event["event_id"], event["user_id"])
+                    log.debug("duplicate event %s: no decision", event["event_id"])
                     return
                 decision = personalizer.decide(profile, event)
                 self.profile_state.update(profile_to_state(profile))
+                if self.audit:
+                    audit = decision_audit(decision, event["event_type"], profile, _subject(ctx), self.key_id)
             out = self.encode(decision)
+            audit_out = self.audit_encode(audit) if audit is not None else None
         except Exception as exc:  # one bad record must not crash the job: dead-letter it with the reason
             self.failures.inc()
             self._count_dead_letter(PROCESSING_ERROR)
@@ -182,6 +208,29 @@ class Personalize(KeyedProcessFunction):
             return
         self.decisions.inc()
         yield out
+        if audit_out is not None:
+            yield AUDIT, audit_out
+
+    def _control(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+        """A message for this key on the control topic (udfs/control.py): a state check is answered on the audit
+        topic with what is kept for the key (field names and size, no values); anything unreadable is
+        dead-lettered."""
+        try:
+            message = control.decode(record[0])
+            if message["kind"] != control.STATE_CHECK:
+                raise control.ControlMessageError(f"unknown control message kind {message['kind']!r}")
+            check = control.parse_state_check(message)
+            stored = self.profile_state.value()
+            summary = state_check_audit(check.request_id, _subject(ctx), self.key_id,
+                                        {"profile": profile_from_state(stored) if stored else None},
+                                        self.personalizer.model_version,
+                                        self.personalizer.rules_version)
+        except control.ControlMessageError as exc:
+            self.rejected.inc()
+            self._count_dead_letter(control.INVALID_CONTROL_MESSAGE)
+            yield DEAD_LETTERS, self._dead_letter(record, control.INVALID_CONTROL_MESSAGE, str(exc))
+            return
+        yield AUDIT, self.audit_encode(summary)
 
     def _count_dead_letter(self, code: str) -> None:
         """``dead_letters_<code>``, created on first use and cached (creating a metric is not free)."""

@@ -65,6 +65,10 @@ class Personalizer:
     def rules_version(self) -> str:
         return self.rules.version if self.rules is not None else RULES_VERSION
 
+    @property
+    def model_version(self) -> str:
+        return self.scorer.version if self.scorer is not None else NO_MODEL
+
     def fold(self, profile: Profile, event: dict[str, Any]) -> bool:
         """Fold ``event`` into ``profile`` (:func:`udfs.profile_state.fold_event`); False for a duplicate, which must
         get no decision."""
@@ -128,7 +132,7 @@ class Personalizer:
             "churn_risk": float(churn_risk),
             "interest": interest,
             "personalized": personalized,
-            "model_version": self.scorer.version if self.scorer is not None else NO_MODEL,
+            "model_version": self.model_version,
             "rules_version": self.rules_version,
             "reasons": choice.reasons,
             "event_time": event["event_time"],
