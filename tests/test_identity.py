@@ -225,14 +225,16 @@ def test_anon_event_folds_locally_forwards_when_merged_and_expires():
     assert not out.fold_locally and out.messages == (Forward(U, A, T0, forwardable(event)),)
     out = on_anon_event(state, A, event, T0 + WINDOW + 1, WINDOW)
     assert out.fold_locally and out.changed and out.note == "window_passed" and not state.merged_into
-    assert identity_to_state(expire(state, T0 + 3 * WINDOW, WINDOW).state) is None
+    expire(state, T0 + 3 * WINDOW, WINDOW)
+    assert identity_to_state(state) is None
 
 
 def test_forward_is_folded_unless_claimed_before_an_erasure():
     event = _event("e1", "page_view", T0, topic="analytics")
     assert on_forward(IdentityState(merged={A: [T0, "c1"]}), Profile(), Forward(U, A, T0, event), T0, WINDOW).fold == event
     assert on_forward(IdentityState(), Profile(), Forward(U, A, T0, event), T0, WINDOW).fold == event
-    erased = on_erasure(IdentityState(merged={A: [T0, "c1"]}), U, T0 + 5).state
+    erased = IdentityState(merged={A: [T0, "c1"]})
+    on_erasure(erased, U, T0 + 5)
     out = on_forward(erased, Profile(), Forward(U, A, T0, event), T0 + 6, WINDOW)
     assert (out.fold, out.note) == (None, "forward_after_erasure")
     assert on_forward(erased, Profile(), Forward(U, A, T0 + 7, event), T0 + 8, WINDOW).fold == event  # a new claim
@@ -240,7 +242,8 @@ def test_forward_is_folded_unless_claimed_before_an_erasure():
 
 def test_handoff_claimed_before_an_erasure_is_dropped():
     state = IdentityState(pending={A: [T0, "c1"]})
-    erased = on_erasure(state, U, T0 + 5).state
+    on_erasure(state, U, T0 + 5)
+    erased = state
     anon = _profile(_event("e1", "page_view", T0 - 10, consent=True, topic="analytics"))
     out = on_handoff(erased, Profile(), Handoff(U, A, "c1", T0, profile_to_state(anon)), T0 + 6, WINDOW, HALF_LIFE,
                      DEFAULT_POLICY)
@@ -264,22 +267,25 @@ def test_forwarded_consent_may_withdraw_but_never_grant(user_flags, event_flags,
 def test_erasure_at_user_fans_out_to_pending_merged_and_the_requests_alias():
     state = IdentityState(pending={"a:p": [T0, "c1"]}, merged={"a:m": [T0, "c0"]}, rejected={"a:r": T0})
     out = on_erasure(state, U, T0 + 1, "a:req")
-    assert out.clear_profile and out.changed and out.state == IdentityState(erased_at_ms=T0 + 1)  # time, no data
+    assert out.clear_profile and out.changed and state == IdentityState(erased_at_ms=T0 + 1)  # a time, no data
     assert out.messages == (Erase("a:p", U, T0 + 1), Erase("a:m", U, T0 + 1), Erase("a:req", U, T0 + 1))
     assert on_erasure(IdentityState(), A, T0).messages == ()  # anonymous-only request: clears that key only
-    assert identity_to_state(expire(out.state, T0 + 2 * WINDOW + 2, WINDOW).state) is None
+    expire(state, T0 + 2 * WINDOW + 2, WINDOW)
+    assert identity_to_state(state) is None
 
 
 def test_erase_at_anon_clears_unless_merged_into_someone_else():
     mine = IdentityState(merged_into=U, merged_at_ms=T0, claims={"c1": T0})
     out = on_erase(mine, Erase(A, U, T0 + 1), T0 + 1, WINDOW)
-    assert out.clear_profile and out.changed and out.state == IdentityState(erasures={U: T0 + 1})
+    assert out.clear_profile and out.changed and mine == IdentityState(erasures={U: T0 + 1})
     # a duplicated claim from before the erasure (at-least-once) does not claim the cleared key again
-    late = on_claim(out.state, Profile(), Claim(A, U, "c0", T0), T0 + 2, WINDOW)
+    late = on_claim(mine, Profile(), Claim(A, U, "c0", T0), T0 + 2, WINDOW)
     assert (late.messages, late.note) == ((), "claim_before_erasure")
-    assert on_claim(out.state, Profile(), Claim(A, U, "c2", T0 + 3), T0 + 4, WINDOW).messages  # a new claim
-    assert identity_to_state(expire(on_erase(IdentityState(), Erase(A, U, T0), T0, WINDOW).state,
-                                    T0 + 2 * WINDOW + 1, WINDOW).state) is None
+    assert on_claim(mine, Profile(), Claim(A, U, "c2", T0 + 3), T0 + 4, WINDOW).messages  # a new claim
+    fresh = IdentityState()
+    on_erase(fresh, Erase(A, U, T0), T0, WINDOW)
+    expire(fresh, T0 + 2 * WINDOW + 1, WINDOW)
+    assert identity_to_state(fresh) is None
     theirs = IdentityState(merged_into=U2, merged_at_ms=T0)
     out = on_erase(theirs, Erase(A, U, T0 + 1), T0 + 1, WINDOW)
     assert not out.clear_profile and out.note == "merged_into_other" and theirs.merged_into == U2
@@ -311,14 +317,14 @@ def test_common_case_cost_is_tiny(capsys):
     empty = IdentityState()
     event = _event("e1", "page_view", T0, topic="analytics")
     n = 20_000
+    stored = identity_to_state(merged)
     cases = {
         "on_link, alias already merged": lambda: on_link(merged, U, A, "e", T0 + 1, WINDOW),
+        "on_anon_event, no identity state (None)": lambda: on_anon_event(None, A, event, T0, WINDOW),
         "on_anon_event, not merged": lambda: on_anon_event(empty, A, event, T0, WINDOW),
         "identity_from_state(None)": lambda: identity_from_state(None),
+        "identity_from_state(stored)": lambda: identity_from_state(stored),
         "identity_to_state(empty)": lambda: identity_to_state(empty),
-        "identity_from_state(stored)": lambda: identity_from_state((1, ("pending", "merged", "rejected", "merged_into",
-                                                                        "merged_at_ms", "claims"),
-                                                                    ({}, {A: [T0, "c1"]}, {}, "", 0, {}))),
     }
     with capsys.disabled():
         for name, fn in cases.items():
@@ -366,12 +372,12 @@ class Job:
         else:
             self.profiles[key] = copy.deepcopy(profile_to_state(profile))
 
-    def _apply(self, key: str, out: Outcome) -> None:
+    def _apply(self, key: str, ident: IdentityState, out: Outcome) -> None:
         """Everything but folding: identity state, messages, profile clear/replace."""
         if out.note:
             self.notes.append(out.note)
         if out.changed:
-            value = identity_to_state(out.state)
+            value = identity_to_state(ident)
             if value is None:
                 self.identities.pop(key, None)
             else:
@@ -399,7 +405,7 @@ class Job:
         anon_key = pseudonym(anon, "a") if anon else None
         profile, ident = self._load(key)
         if event["event_type"] == "erasure_requested":
-            self._apply(key, on_erasure(ident, key, self.now, anon_key if user else None))
+            self._apply(key, ident, on_erasure(ident, key, self.now, anon_key if user else None))
             self.profiles.pop(key, None)
             return
         if user:
@@ -408,10 +414,10 @@ class Job:
                 self.decisions.append(event["event_id"])
                 self._store_profile(key, profile)
                 if anon_key:
-                    self._apply(key, on_link(ident, key, anon_key, event["event_id"], self.now, WINDOW))
+                    self._apply(key, ident, on_link(ident, key, anon_key, event["event_id"], self.now, WINDOW))
             return
         out = on_anon_event(ident, key, event, self.now, WINDOW)
-        self._apply(key, out)
+        self._apply(key, ident, out)
         if out.fold_locally:
             self._fold_and_decide(key, profile, event)
 
@@ -420,18 +426,18 @@ class Job:
         assert msg.to == key
         profile, ident = self._load(key)
         if isinstance(msg, Claim):
-            self._apply(key, on_claim(ident, profile, msg, self.now, WINDOW))
+            self._apply(key, ident, on_claim(ident, profile, msg, self.now, WINDOW))
         elif isinstance(msg, Handoff):
-            self._apply(key, on_handoff(ident, profile, msg, self.now, WINDOW, HALF_LIFE, DEFAULT_POLICY))
+            self._apply(key, ident, on_handoff(ident, profile, msg, self.now, WINDOW, HALF_LIFE, DEFAULT_POLICY))
         elif isinstance(msg, Reject):
-            self._apply(key, on_reject(ident, msg, self.now, WINDOW))
+            self._apply(key, ident, on_reject(ident, msg, self.now, WINDOW))
         elif isinstance(msg, Forward):
             out = on_forward(ident, profile, msg, self.now, WINDOW)
-            self._apply(key, out)
+            self._apply(key, ident, out)
             if out.fold is not None:
                 self._fold_and_decide(key, profile, out.fold)
         elif isinstance(msg, Erase):
-            self._apply(key, on_erase(ident, msg, self.now, WINDOW))
+            self._apply(key, ident, on_erase(ident, msg, self.now, WINDOW))
 
     def _ready_channels(self):
         return [c for c, log in self.logs.items() if self.offsets.get(c, 0) < len(log)]
@@ -565,8 +571,10 @@ def test_simulated_interleavings_merge_every_event_exactly_once(exactly_once, ca
             assert _projection(user, behaviour=False) == _projection(expected_user, behaviour=False), f"seed {seed}"
             assert set(job.decisions) == {e["event_id"] for e in main + after}, f"seed {seed}"
         assert _projection(anon) == _projection(expected_anon), f"seed {seed}"
-        ident_u = expire(identity_from_state(job.identities.get("u:alice")), job.now + 3 * WINDOW, WINDOW).state
-        ident_a = expire(identity_from_state(job.identities.get("a:dev1")), job.now + 3 * WINDOW, WINDOW).state
+        ident_u = identity_from_state(job.identities.get("u:alice"))
+        ident_a = identity_from_state(job.identities.get("a:dev1"))
+        expire(ident_u, job.now + 3 * WINDOW, WINDOW)
+        expire(ident_a, job.now + 3 * WINDOW, WINDOW)
         assert ident_u.is_empty() and ident_a.is_empty(), f"seed {seed}"
     if not exactly_once:
         with capsys.disabled():
@@ -603,7 +611,8 @@ def test_simulated_erasure_leaves_nothing_of_user_or_alias(exactly_once):
             for key, value in job.identities.items():  # only erasure times, gone after two windows
                 state = identity_from_state(value)
                 assert not (state.pending or state.merged or state.merged_into), f"seed {seed}: {key} {state}"
-                assert expire(state, job.now + 2 * WINDOW + 1, WINDOW).state.is_empty()
+                expire(state, job.now + 2 * WINDOW + 1, WINDOW)
+                assert state.is_empty()
         else:  # nothing links the device to the user: its anonymous profile is not the user's to erase
             assert set(job.profiles) <= {"a:dev1"} and "u:alice" not in job.identities
 

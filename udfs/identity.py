@@ -14,17 +14,17 @@ the Kafka record key, so it lands on the subtask that owns that key. The protoco
 4. ``Handoff`` at U answering its pending claim: A's profile is merged into U's (:mod:`udfs.profile_merge`), once;
 5. erasure at U sends ``Erase(to=A)`` to every pending or merged anonymous key; A clears its state.
 
-Every transition is a pure function ``(state, input) -> Outcome``: the caller (the keyed Flink operator) owns
-the state handles and the loop topic, applies the outcome (write the state back, produce the messages, clear,
-merge or fold the profile) and nothing here does I/O. Transitions mutate the :class:`IdentityState` they are
-given (it is deserialized per event anyway) and return it in the outcome. All keys are opaque pseudonyms; no
+Every transition is a function ``(state, input) -> Outcome`` without I/O: the caller (the keyed Flink operator)
+owns the state handles and the loop topic and applies the outcome (write the state back, produce the messages,
+clear, merge or fold the profile). Transitions update the :class:`IdentityState` they are given in place (it is
+deserialized per input anyway) and return what else to do; the common no-op answers are shared constants. All keys are opaque pseudonyms; no
 raw id is stored, and forwarded events travel without their ``anonymous_id`` and ``context.session_id``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from hashlib import blake2b
 from operator import itemgetter
 from typing import Any, NamedTuple, Union
@@ -260,16 +260,15 @@ def identity_from_state(value: IdentityStateValue | None) -> IdentityState:
 # --- transitions -------------------------------------------------------------------------------------------------
 
 class Outcome(NamedTuple):
-    """What the caller must do after a transition.
+    """What the caller must do after a transition (which has updated the :class:`IdentityState` in place).
 
-    ``changed``: write ``state`` back (``identity_to_state``; None means clear). ``messages``: produce each to the
-    loop topic (key :func:`message_key`, value :func:`encode_message`). ``clear_profile``: clear this key's
-    profile state. ``profile``: this key's new profile (a merge), to store. ``fold``: an event to fold into this
-    key's profile and decide on as if it had arrived here (duplicates by event id yield nothing, as usual).
+    ``changed``: write the state back (``identity_to_state``; None means clear the handle). ``messages``: produce
+    each to the loop topic (key :func:`message_key`, value :func:`encode_message`). ``clear_profile``: clear this
+    key's profile state. ``profile``: this key's new profile (a merge), to store. ``fold``: an event to fold into
+    this key's profile and decide on as if it had arrived here (duplicates by event id yield nothing, as usual).
     ``fold_locally``: (anonymous events) fold and decide the event at this key, the normal path. ``note``: why,
     for metrics and logs (``""`` when the outcome says it all)."""
 
-    state: IdentityState
     messages: tuple = ()
     changed: bool = False
     clear_profile: bool = False
@@ -277,6 +276,12 @@ class Outcome(NamedTuple):
     fold: dict[str, Any] | None = None
     fold_locally: bool = False
     note: str = ""
+
+
+# The common no-op answers, built once: the hot path allocates nothing.
+NOTHING = Outcome()
+FOLD_LOCALLY = Outcome(fold_locally=True)
+_NO_ALIAS, _PENDING, _MERGED, _REJECTED = (Outcome(note=n) for n in ("no_alias", "pending", "merged", "rejected"))
 
 
 def claim_id_for(user_key: str, anon_key: str, link_event_id: str) -> str:
@@ -290,22 +295,22 @@ def on_link(state: IdentityState, user_key: str, anon_key: str, link_event_id: s
     merged or was refused within the window. Apps often send the anonymous id on every event after signup, so the
     repeated case is the common one: at most three dict lookups, nothing written."""
     if not anon_key or anon_key == user_key:
-        return Outcome(state, note="no_alias")
+        return _NO_ALIAS
     pending = state.pending.get(anon_key)
     if pending is not None and now_ms - pending[0] <= window_ms:
-        return Outcome(state, note="pending")
+        return _PENDING
     merged = state.merged.get(anon_key)
     if merged is not None and now_ms - merged[0] <= window_ms:
-        return Outcome(state, note="merged")
+        return _MERGED
     rejected = state.rejected.get(anon_key)
     if rejected is not None and now_ms - rejected <= window_ms:
-        return Outcome(state, note="rejected")
+        return _REJECTED
     claim_id = claim_id_for(user_key, anon_key, link_event_id)
     state.pending.pop(anon_key, None)
     state.pending[anon_key] = [now_ms, claim_id]
     state.rejected.pop(anon_key, None)
     _prune(state, now_ms, window_ms)
-    return Outcome(state, (Claim(anon_key, user_key, claim_id, now_ms),), changed=True)
+    return Outcome((Claim(anon_key, user_key, claim_id, now_ms),), changed=True)
 
 
 def on_claim(state: IdentityState, profile: Profile, claim: Claim, now_ms: int, window_ms: int) -> Outcome:
@@ -315,19 +320,19 @@ def on_claim(state: IdentityState, profile: Profile, claim: Claim, now_ms: int, 
     answered before is a duplicate, and a claim made before its user's erasure is void: no answer."""
     expired = _expire_marker(state, now_ms, window_ms)
     if claim.claim_id in state.claims:
-        return Outcome(state, changed=expired, note="duplicate_claim")
+        return Outcome(changed=expired, note="duplicate_claim")
     erased_at = state.erasures.get(claim.user)
     if erased_at is not None and claim.claimed_at_ms <= erased_at:
-        return Outcome(state, changed=expired, note="claim_before_erasure")
+        return Outcome(changed=expired, note="claim_before_erasure")
     state.claims[claim.claim_id] = now_ms
     if state.merged_into and state.merged_into != claim.user:
         _prune(state, now_ms, window_ms)
-        return Outcome(state, (Reject(claim.user, claim.to, claim.claim_id),), changed=True, note="claimed_by_other")
+        return Outcome((Reject(claim.user, claim.to, claim.claim_id),), changed=True, note="claimed_by_other")
     again = state.merged_into == claim.user
     state.merged_into, state.merged_at_ms, state.merged_claimed_at_ms = claim.user, now_ms, claim.claimed_at_ms
     _prune(state, now_ms, window_ms)
     handoff = Handoff(claim.user, claim.to, claim.claim_id, claim.claimed_at_ms, profile_to_state(profile))
-    return Outcome(state, (handoff,), changed=True, clear_profile=True, note="again" if again else "")
+    return Outcome((handoff,), changed=True, clear_profile=True, note="again" if again else "")
 
 
 def on_handoff(state: IdentityState, profile: Profile, handoff: Handoff, now_ms: int, window_ms: int,
@@ -340,7 +345,7 @@ def on_handoff(state: IdentityState, profile: Profile, handoff: Handoff, now_ms:
     Dropped: answers to claims made before this key's erasure; a second answer to the claim merged last (see
     :func:`_second_answer`)."""
     if state.erased_at_ms and handoff.claimed_at_ms <= state.erased_at_ms:
-        return Outcome(state, note="handoff_after_erasure")
+        return Outcome(note="handoff_after_erasure")
     merged = state.merged.get(handoff.anon)
     if merged is not None and merged[1] == handoff.claim_id:
         return _second_answer(state, profile, handoff, half_life_ms, policy)
@@ -349,7 +354,7 @@ def on_handoff(state: IdentityState, profile: Profile, handoff: Handoff, now_ms:
     state.merged[handoff.anon] = [now_ms, handoff.claim_id]
     _prune(state, now_ms, window_ms)
     merged_profile = merge_profiles(profile, profile_from_state(handoff.profile), half_life_ms, policy)
-    return Outcome(state, changed=True, profile=merged_profile,
+    return Outcome(changed=True, profile=merged_profile,
                    note="" if pending is not None and pending[1] == handoff.claim_id else "unsolicited_handoff")
 
 
@@ -362,8 +367,8 @@ def _second_answer(state: IdentityState, profile: Profile, handoff: Handoff, hal
     Handoffs hold twice: at-least-once, as the mode says. In exactly-once mode this cannot happen."""
     anon = profile_from_state(handoff.profile)
     if all(k in profile.recent_event_ids for k in anon.recent_event_ids):
-        return Outcome(state, note="duplicate_handoff")
-    return Outcome(state, profile=merge_profiles(profile, anon, half_life_ms, policy), note="replayed_handoff")
+        return Outcome(note="duplicate_handoff")
+    return Outcome(profile=merge_profiles(profile, anon, half_life_ms, policy), note="replayed_handoff")
 
 
 def on_reject(state: IdentityState, reject: Reject, now_ms: int, window_ms: int) -> Outcome:
@@ -371,25 +376,25 @@ def on_reject(state: IdentityState, reject: Reject, now_ms: int, window_ms: int)
     claim it again within the window."""
     pending = state.pending.get(reject.anon)
     if pending is None or pending[1] != reject.claim_id:
-        return Outcome(state, note="stale_reject")
+        return Outcome(note="stale_reject")
     del state.pending[reject.anon]
     state.rejected[reject.anon] = now_ms
     _prune(state, now_ms, window_ms)
-    return Outcome(state, changed=True, note="rejected")
+    return Outcome(changed=True, note="rejected")
 
 
-def on_anon_event(state: IdentityState, anon_key: str, event: dict[str, Any], now_ms: int, window_ms: int) -> Outcome:
-    """An anonymous-only event (no user id) at ``anon_key``. Not merged (the common case, one attribute check):
-    fold it here. Merged within the window: forward it to the user, who folds and decides it. Merged longer
+def on_anon_event(state: IdentityState | None, anon_key: str, event: dict[str, Any], now_ms: int, window_ms: int) -> Outcome:
+    """An anonymous-only event (no user id) at ``anon_key``. Not merged (the common case, one attribute check;
+    ``state`` may be None when the key stores none, sparing its deserialization): fold it here. Merged within the window: forward it to the user, who folds and decides it. Merged longer
     ago: the marker expires and the key starts afresh."""
-    if not state.merged_into:
-        return Outcome(state, fold_locally=True)
+    if state is None or not state.merged_into:
+        return FOLD_LOCALLY
     if now_ms - state.merged_at_ms > window_ms:
         _expire_marker(state, now_ms, window_ms)
         _prune(state, now_ms, window_ms)
-        return Outcome(state, changed=True, fold_locally=True, note="window_passed")
+        return Outcome(changed=True, fold_locally=True, note="window_passed")
     forward = Forward(state.merged_into, anon_key, state.merged_claimed_at_ms, forwardable(event))
-    return Outcome(state, (forward,))
+    return Outcome((forward,))
 
 
 def on_forward(state: IdentityState, profile: Profile, forward: Forward, now_ms: int, window_ms: int) -> Outcome:
@@ -398,8 +403,8 @@ def on_forward(state: IdentityState, profile: Profile, forward: Forward, now_ms:
     :func:`on_handoff`), unless it was forwarded under a claim made before this key's erasure. Its consent may
     withdraw but never grant (see :func:`restrict_consent`)."""
     if state.erased_at_ms and forward.claimed_at_ms <= state.erased_at_ms:
-        return Outcome(state, note="forward_after_erasure")
-    return Outcome(state, fold=restrict_consent(forward.event, profile))
+        return Outcome(note="forward_after_erasure")
+    return Outcome(fold=restrict_consent(forward.event, profile))
 
 
 def on_erasure(state: IdentityState, own_key: str, now_ms: int, anon_key: str | None = None) -> Outcome:
@@ -410,7 +415,9 @@ def on_erasure(state: IdentityState, own_key: str, now_ms: int, anon_key: str | 
     anonymous-only request) this clears that key only."""
     targets = dict.fromkeys([*state.pending, *state.merged, *([anon_key] if anon_key and anon_key != own_key else [])])
     messages = tuple(Erase(target, own_key, now_ms) for target in targets)
-    return Outcome(IdentityState(erased_at_ms=now_ms), messages, changed=True, clear_profile=True)
+    _reset(state)
+    state.erased_at_ms = now_ms
+    return Outcome(messages, changed=True, clear_profile=True)
 
 
 def on_erase(state: IdentityState, erase: Erase, now_ms: int, window_ms: int) -> Outcome:
@@ -419,12 +426,13 @@ def on_erase(state: IdentityState, erase: Erase, now_ms: int, window_ms: int) ->
     so that a duplicated claim it made before (at-least-once) does not claim the cleared key again."""
     _expire_marker(state, now_ms, window_ms)
     if state.merged_into and state.merged_into != erase.user:
-        return Outcome(state, note="merged_into_other")
+        return Outcome(note="merged_into_other")
     erasures = {k: v for k, v in state.erasures.items() if k != erase.user}
     erasures[erase.user] = erase.erased_at_ms
-    fresh = IdentityState(erasures=erasures)
-    _prune(fresh, now_ms, window_ms)
-    return Outcome(fresh, changed=True, clear_profile=True)
+    _reset(state)
+    state.erasures = erasures
+    _prune(state, now_ms, window_ms)
+    return Outcome(changed=True, clear_profile=True)
 
 
 def expire(state: IdentityState, now_ms: int, window_ms: int) -> Outcome:
@@ -434,7 +442,7 @@ def expire(state: IdentityState, now_ms: int, window_ms: int) -> Outcome:
     before = _sizes(state)
     _expire_marker(state, now_ms, window_ms)
     _prune(state, now_ms, window_ms)
-    return Outcome(state, changed=_sizes(state) != before)
+    return Outcome(changed=_sizes(state) != before)
 
 
 def _sizes(state: IdentityState) -> tuple:
@@ -464,6 +472,12 @@ def restrict_consent(event: dict[str, Any], profile: Profile) -> dict[str, Any]:
                "marketing": profile.consent_marketing}
     restricted = {k: (False if consent.get(k) is False else v) for k, v in current.items()}
     return {**event, "consent": None if restricted == current else restricted}
+
+
+def _reset(state: IdentityState) -> None:
+    """Back to an empty state, in place."""
+    for f in fields(IdentityState):
+        setattr(state, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
 
 
 def _expire_marker(state: IdentityState, now_ms: int, window_ms: int) -> bool:
