@@ -76,6 +76,9 @@ class OnrampConfig:
     # event of that user) gets no second decision; 0 disables. At most dedup_max_ids ids per user, oldest dropped.
     dedup_window_ms: int = DEFAULT_WINDOW_MS
     dedup_max_ids: int = DEFAULT_MAX_IDS
+    # Identity resolution (docs/identity-resolution.md): how long after an anonymous id merged into a user its late
+    # events are still forwarded to the user (and a pending claim is not re-sent)
+    alias_window_ms: int = 24 * 3600 * 1000
     # Data minimization: the only demographic / context fields (avro/onboarding_event.avsc Demographic and
     # EventContext) a profile may hold, for the purpose "personalization". Comma-separated in env / --set.
     allowed_demographic_fields: tuple[str, ...] = DEFAULT_DEMOGRAPHIC_FIELDS
@@ -116,7 +119,7 @@ class OnrampConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms",
-                     "model_reload_interval_ms", "rules_reload_interval_ms", "dedup_window_ms"):
+                     "model_reload_interval_ms", "rules_reload_interval_ms", "dedup_window_ms", "alias_window_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):

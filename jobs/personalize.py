@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import AUDIT, BYTES, DEAD_LETTERS, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
+from udfs.flink_functions import AUDIT, BYTES, DEAD_LETTERS, IDENTITY, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
@@ -133,6 +133,7 @@ class JobOutputs(NamedTuple):
     decisions: DataStream
     dead_letters: DataStream
     audit: DataStream  # empty when cfg.audit_topic is ""
+    identity: DataStream  # Row(key, value) messages for the control topic (udfs/identity.py)
 
 
 def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> JobOutputs:
@@ -150,13 +151,14 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         rules_reload_interval_ms=cfg.rules_reload_interval_ms,
                         profile_policy=cfg.profile_policy(), gc_freeze=cfg.gc_freeze,
                         control_topic=cfg.control_topic, audit=bool(cfg.audit_topic),
-                        key_file=str(Path(cfg.pseudonym_key_file).resolve())),
+                        key_file=str(Path(cfg.pseudonym_key_file).resolve()), alias_window_ms=cfg.alias_window_ms),
             output_type=BYTES,
         )
         .uid("personalize")
         .name("personalize")
     )
-    return JobOutputs(decisions, decisions.get_side_output(DEAD_LETTERS), decisions.get_side_output(AUDIT))
+    return JobOutputs(decisions, decisions.get_side_output(DEAD_LETTERS), decisions.get_side_output(AUDIT),
+                      decisions.get_side_output(IDENTITY))
 
 
 def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:
@@ -168,7 +170,8 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded: bool = False) -> DataStream:
+def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded: bool = False,
+                  t_env: StreamTableEnvironment | None = None) -> DataStream:
     """The input topic as a stream of :data:`ROUTED_RECORD` rows: ``Row(routing_key, Row(value, topic,
     partition, offset))``.
 
@@ -197,7 +200,7 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
         options["scan.bounded.mode"] = "latest-offset"
     for key, value in kafka_properties(cfg).items():
         options[f"properties.{key}"] = value
-    t_env = StreamTableEnvironment.create(env)
+    t_env = t_env or StreamTableEnvironment.create(env)
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
         "CREATE TEMPORARY TABLE onboarding_events (`key` BYTES, `value` BYTES, `topic` STRING METADATA VIRTUAL, "
@@ -237,13 +240,48 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
     return builder.build()
 
 
+def control_topic_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, messages: DataStream) -> None:
+    """Write ``Row(key, value)`` messages (identity resolution's, to other keys) to the control topic with
+    ``key`` as the Kafka record key, which routes each back to the key it is for.
+
+    A Table sink because the DataStream KafkaSink's Python API serializes the whole element for key and value
+    alike; the SQL connector writes one column as key and another as value. Same delivery guarantee as the
+    other sinks: in exactly-once mode a message commits with the checkpoint of the state change that made it."""
+    options = {
+        "connector": "kafka",
+        "topic": cfg.control_topic,
+        "properties.bootstrap.servers": cfg.bootstrap_servers,
+        "properties.linger.ms": str(cfg.sink_linger_ms),
+        "key.format": "raw",
+        "key.fields": "key",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
+        "sink.delivery-guarantee": cfg.delivery,
+    }
+    if cfg.delivery == "exactly-once":
+        options["sink.transactional-id-prefix"] = f"{cfg.group_id}-identity"
+        options["properties.transaction.timeout.ms"] = str(cfg.transaction_timeout_ms)
+    for key, value in kafka_properties(cfg).items():
+        options[f"properties.{key}"] = value
+    t_env.execute_sql(
+        "CREATE TEMPORARY TABLE onramp_control_out (`key` BYTES, `value` BYTES) WITH ("
+        + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
+        + ")"
+    )
+    statements = t_env.create_statement_set()
+    statements.add_insert("onramp_control_out", t_env.from_data_stream(messages))
+    statements.attach_as_datastream()
+
+
 def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounded: bool = False) -> StreamExecutionEnvironment:
     env = create_env(cfg, jars)
-    outputs = build_pipeline(kafka_records(env, cfg, bounded=bounded), cfg)
+    t_env = StreamTableEnvironment.create(env)
+    outputs = build_pipeline(kafka_records(env, cfg, bounded=bounded, t_env=t_env), cfg)
     outputs.decisions.sink_to(kafka_sink(cfg, cfg.decisions_topic, "decisions")).uid("decisions-sink").name("decisions-sink")
     outputs.dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
     if cfg.audit_topic:
         outputs.audit.sink_to(kafka_sink(cfg, cfg.audit_topic, "audit")).uid("audit-sink").name("audit-sink")
+    control_topic_sink(t_env, cfg, outputs.identity)
     return env
 
 

@@ -74,7 +74,7 @@ from udfs.wire_peek import routing_key
 from tests.conftest import NOW_MS, make_event
 
 KEY = key_from_text("fuzz-" * 8, "test")
-from tests.test_personalize_function import FakeState, _function
+from tests.test_personalize_function import FakeContext, FakeState, _function
 
 # ----------------------------------------------------------------------------------------------------------------
 # settings
@@ -354,7 +354,7 @@ def _consented_state(fn) -> str:
     personalized path; returns the id of the signup event that set it up."""
     fn.profile_state = FakeState()
     signup = _full_event("signup", consent={"personalization": True, "analytics": True, "marketing": True})
-    (out,) = fn.process_element(Row(CODEC.encode(signup), "events", 0, 0), None)
+    (out,) = fn.process_element(Row(CODEC.encode(signup), "events", 0, 0), FakeContext())
     assert decision_codec().decode(out)["personalized"] is True
     return signup["event_id"]
 
@@ -366,7 +366,7 @@ def _count(fn, counter: str) -> int:
 def test_consenting_user_gets_a_personalized_decision_from_the_bundle(personalize, bundle):
     with mock.patch.object(flink_functions, "_now_ms", lambda: NOW_MS):
         _consented_state(personalize)
-        (out,) = personalize.process_element(Row(CORPUS[1], "events", 0, 1), None)
+        (out,) = personalize.process_element(Row(CORPUS[1], "events", 0, 1), FakeContext())
     decision = decision_codec().decode(out)
     assert decision["personalized"] is True and decision["model_version"] == bundle.version
     assert personalize.profile_state.data is not None
@@ -382,7 +382,7 @@ def test_personalize_yields_exactly_one_record_per_payload(personalize, payloads
         for offset, payload in enumerate(payloads, start=100):
             expected, detail = _decide_or_reject(payload)
             duplicates_before = _count(fn, "duplicates")
-            outputs = list(fn.process_element(Row(payload, "events", 5, offset), None))
+            outputs = list(fn.process_element(Row(payload, "events", 5, offset), FakeContext()))
             if not outputs:  # the one documented exception: a repeated event id of the user yields nothing
                 assert expected == "ok" and detail["event_id"] in seen, f"no output for {payload!r}"
                 assert _count(fn, "duplicates") == duplicates_before + 1

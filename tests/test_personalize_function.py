@@ -16,6 +16,7 @@ from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
 from udfs.rules_watch import RulesWatcher
 from udfs.personalizer import Personalizer
+from udfs.pseudonym import key_from_text
 from udfs.validation import ValidationLimits
 
 from tests.conftest import make_event
@@ -35,12 +36,22 @@ class FakeState:
         self.data = None
 
 
+class FakeContext:
+    """The keyed context: the current key is ``Row(pseudonym)``."""
+
+    def __init__(self, key: str = "k-user-1") -> None:
+        self.key = key
+
+    def get_current_key(self):
+        return Row(self.key)
+
+
 class FakeCounter:
     def __init__(self) -> None:
         self.count = 0
 
-    def inc(self) -> None:
-        self.count += 1
+    def inc(self, n: int = 1) -> None:
+        self.count += n
 
 
 class FakeMetrics:
@@ -65,8 +76,11 @@ class ExplodingScorer:
 def _function(scorer=None, policy=None, audit: bool = False) -> Personalize:
     fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(max_event_age_ms=10**13), profile_policy=policy,
                      control_topic="control", audit=audit)
-    fn.key_id = "k-test"
+    fn.key = key_from_text("t" * 40, "test")
+    fn.key_id = fn.key.key_id
     fn.audit_encode = audit_codec().encode
+    fn.identity_state = FakeState()
+    fn.identity_messages = FakeCounter()
     fn.personalizer = Personalizer(scorer, 3_600_000.0, None, fn.profile_policy)
     fn.profile_state = FakeState()
     fn.metrics = FakeMetrics()
@@ -90,7 +104,7 @@ def _consenting_event():
 
 
 def _run(fn, payload: bytes, offset: int = 7):
-    return list(fn.process_element(Row(payload, "events", 3, offset), None))
+    return list(fn.process_element(Row(payload, "events", 3, offset), FakeContext()))
 
 
 def test_valid_event_yields_one_decision_and_updates_state():

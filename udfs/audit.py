@@ -94,9 +94,14 @@ def erasure_audit(decision: dict[str, Any], subject: str, key_id: str) -> dict[s
     )
 
 
+def _is_state_tuple(value: Any) -> bool:
+    """(format, field names, field values): how the profile and identity states are stored."""
+    return isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], tuple)
+
+
 def state_summary(state_values: dict[str, Any]) -> dict[str, Any]:
     """Field names with a value and the serialized size of what is kept, for the state values of one key
-    (``{"profile": Profile | None, ...}``); no values."""
+    (``{"profile": Profile | None, "identity": stored tuple | None}``); no values."""
     import pickle
 
     names: list[str] = []
@@ -104,13 +109,12 @@ def state_summary(state_values: dict[str, Any]) -> dict[str, Any]:
     for name, value in state_values.items():
         if value is None:
             continue
-        if isinstance(value, Profile):
-            state = profile_to_state(value)
-            names += [f"{name}.{n}" for n, v in zip(state[1], state[2]) if v not in (None, 0, "", [], {}, ())]
-            size += len(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        stored = profile_to_state(value) if isinstance(value, Profile) else value
+        if _is_state_tuple(stored):
+            names += [f"{name}.{n}" for n, v in zip(stored[1], stored[2]) if v not in (None, 0, "", [], {}, ())]
         else:
             names.append(name)
-            size += len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        size += len(pickle.dumps(stored, protocol=pickle.HIGHEST_PROTOCOL))
     return {"empty": size == 0, "profile_fields": names, "state_bytes": size}
 
 

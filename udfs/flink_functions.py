@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from pyflink.common import Types
+from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from udfs import control, gc_pauses
 from udfs.audit import decision_audit, erasure_audit, state_check_audit
+from udfs.identity import (MESSAGE_MAGIC, Claim, Erase, Forward, Handoff, IdentityMessageError, Outcome, Reject,
+                           decode_message, encode_message, identity_from_state, identity_to_state, message_key,
+                           on_anon_event, on_claim, on_erase, on_erasure, on_forward, on_handoff, on_link, on_reject)
 from udfs.avro_codec import audit_codec, dead_letter_codec, decision_codec, event_codec
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
@@ -32,6 +35,10 @@ log = logging.getLogger(__name__)
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 DEAD_LETTERS = OutputTag("dead-letters", BYTES)
 AUDIT = OutputTag("audit", BYTES)
+# Identity resolution's messages to another key (udfs/identity.py): Row(destination key, message), written to the
+# control topic with the destination as Kafka key, so the job reads each back at the key it is for.
+KEYED_MESSAGE = Types.ROW_NAMED(["key", "value"], [BYTES, BYTES])
+IDENTITY = OutputTag("identity", KEYED_MESSAGE)
 # One input record: the Kafka value and where it was read (for dead letters).
 KAFKA_RECORD = Types.ROW_NAMED(["value", "topic", "partition", "offset"], [BYTES, Types.STRING(), Types.INT(), Types.LONG()])
 # What the keyed operator's input carries: the user id to key by (read off the wire) and the record.
@@ -51,8 +58,6 @@ def routed(record: Any, key: PseudonymKey) -> Any:
     """``Row(routing_key, record)`` for a :data:`KAFKA_RECORD` built in Python (tests, custom sources); the Kafka
     source computes the same key in SQL with the Java twin of :func:`udfs.wire_peek.routing_key`. A function
     that captures ``key`` carries it in the job graph: tests only, or load it in the function's ``open()``."""
-    from pyflink.common import Row
-
     return Row(routing_key(record[0], key), record)
 
 
@@ -104,13 +109,17 @@ class Personalize(KeyedProcessFunction):
                  limits: ValidationLimits, model_dir: str | None = None, reload_interval_ms: int = 0,
                  rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0,
                  profile_policy: ProfilePolicy | None = None, gc_freeze: bool = True,
-                 control_topic: str = "", audit: bool = False, key_file: str | None = None):
+                 control_topic: str = "", audit: bool = False, key_file: str | None = None,
+                 alias_window_ms: int = 24 * 3_600_000):
         self.bundle_files = bundle_files
         self.gc_freeze = gc_freeze
         self.control_topic = control_topic
         self.audit = audit
         self.key_file = key_file
+        self.key = None
         self.key_id = ""
+        self.alias_window_ms = alias_window_ms
+        self.identity_state = None
         self.half_life_ms = half_life_ms
         self.profile_policy = profile_policy or ProfilePolicy()
         self.input_topic = input_topic
@@ -141,9 +150,12 @@ class Personalize(KeyedProcessFunction):
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
                                      bundle.version if bundle else None, self.half_life_ms / 3_600_000.0)
         self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))
+        # aliases (udfs/identity.py); read only for events that name an anonymous id and for identity messages
+        self.identity_state = runtime_context.get_state(ValueStateDescriptor("identity", Types.PICKLED_BYTE_ARRAY()))
         self.encode = decision_codec().encode
         # Read on the TaskManager (file or ONRAMP_PSEUDONYM_KEY), like the Java routing key: never in the job graph.
-        self.key_id = load_key(self.key_file).key_id
+        self.key = load_key(self.key_file)
+        self.key_id = self.key.key_id
         self.audit_encode = audit_codec().encode
         self.event_codec = event_codec()
         self.dlq_codec = dead_letter_codec()
@@ -153,6 +165,7 @@ class Personalize(KeyedProcessFunction):
         self.duplicates = metrics.counter("duplicates")
         self.rejected = metrics.counter("dead_letters")
         self.failures = metrics.counter("processing_errors")
+        self.identity_messages = metrics.counter("identity_messages")
         self.reloads = metrics.counter("model_reloads")
         self.reload_refusals = metrics.counter("model_reload_refusals")
         self.rules_reloads = metrics.counter("rules_reloads")
@@ -164,7 +177,6 @@ class Personalize(KeyedProcessFunction):
             gc_pauses.freeze_startup_heap()  # last: everything open() loaded is long-lived
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
-        value = record[0]
         if record[1] == self.control_topic and self.control_topic:
             yield from self._control(record, ctx)
             return
@@ -174,47 +186,138 @@ class Personalize(KeyedProcessFunction):
         if self.rules_watcher.due(now_ms):
             self._follow(self.rules_watcher, "rules", self.rules_reloads, self.rules_refusals, now_ms)
         try:
-            event = decode_event(self.event_codec, value, now_ms, self.limits)
+            event = decode_event(self.event_codec, record[0], now_ms, self.limits)
         except InvalidEvent as exc:
             self.rejected.inc()
             self._count_dead_letter(exc.code)
             yield DEAD_LETTERS, self._dead_letter(record, exc.code, exc.message)
             return
-        personalizer = self.personalizer
-        audit = None
         try:
-            if event["event_type"] == "erasure_requested":
-                self.profile_state.clear()  # the profile, dedup ids included
-                decision = personalizer.erased(event)
-                if self.audit:
-                    audit = erasure_audit(decision, _subject(ctx), self.key_id)
-            else:
-                profile = profile_from_state(self.profile_state.value())
-                if not personalizer.fold(profile, event):
-                    self.duplicates.inc()
-                    log.debug("duplicate event %s: no decision", event["event_id"])
-                    return
-                decision = personalizer.decide(profile, event)
-                self.profile_state.update(profile_to_state(profile))
-                if self.audit:
-                    audit = decision_audit(decision, event["event_type"], profile, _subject(ctx), self.key_id)
-            out = self.encode(decision)
-            audit_out = self.audit_encode(audit) if audit is not None else None
+            out = self._event(event, _subject(ctx), now_ms)
         except Exception as exc:  # one bad record must not crash the job: dead-letter it with the reason
             self.failures.inc()
             self._count_dead_letter(PROCESSING_ERROR)
             log.exception("personalize failed for event %s", event.get("event_id"))
             yield DEAD_LETTERS, self._dead_letter(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
             return
+        yield from out
+
+    def _event(self, event: dict[str, Any], subject: str, now_ms: int) -> list[Any]:
+        """The outputs for one valid event at key ``subject`` (the pseudonym of its user id, or of its anonymous id
+        before signup). Side effects on state happen here; the caller only emits."""
+        if event["event_type"] == "erasure_requested":
+            return self._erase(event, subject, now_ms)
+        anonymous_id = event.get("anonymous_id")
+        if not event["user_id"]:  # before signup: keyed by the anonymous id, which may have merged into a user
+            stored = self.identity_state.value()
+            identity = identity_from_state(stored) if stored else None
+            outcome = on_anon_event(identity, subject, event, now_ms, self.alias_window_ms)
+            out = self._apply_identity(identity, outcome)
+            if not outcome.fold_locally:
+                return out  # forwarded to the user it merged into, who decides it
+            return out + self._decide(event, subject)
+        out = self._decide(event, subject)
+        if anonymous_id and out:  # an alias link (and not a duplicate): claim the anonymous profile
+            identity = identity_from_state(self.identity_state.value())
+            out += self._apply_identity(identity, on_link(identity, subject, self.key.anon(anonymous_id),
+                                                          event["event_id"], now_ms, self.alias_window_ms))
+        return out
+
+    def _decide(self, event: dict[str, Any], subject: str) -> list[Any]:
+        """Fold ``event`` into the key's profile and decide: [decision, (AUDIT, record)], or [] for a duplicate."""
+        personalizer = self.personalizer
+        profile = profile_from_state(self.profile_state.value())
+        if not personalizer.fold(profile, event):
+            self.duplicates.inc()
+            log.debug("duplicate event %s: no decision", event["event_id"])
+            return []
+        decision = personalizer.decide(profile, event)
+        self.profile_state.update(profile_to_state(profile))
+        out = [self.encode(decision)]
+        if self.audit:
+            out.append((AUDIT, self.audit_encode(decision_audit(decision, event["event_type"], profile, subject,
+                                                                self.key_id))))
         self.decisions.inc()
-        yield out
-        if audit_out is not None:
-            yield AUDIT, audit_out
+        return out
+
+    def _erase(self, event: dict[str, Any], subject: str, now_ms: int) -> list[Any]:
+        """Erasure: clear every piece of state of the key (the profile with its dedup ids, aliases) and tell the
+        anonymous keys it merged or claimed to clear theirs; the decision is the confirmation to the app."""
+        identity = identity_from_state(self.identity_state.value())
+        anonymous_id = event.get("anonymous_id")
+        anon_key = self.key.anon(anonymous_id) if event["user_id"] and anonymous_id else None
+        out = self._apply_identity(identity, on_erasure(identity, subject, now_ms, anon_key))
+        self.profile_state.clear()
+        decision = self.personalizer.erased(event)
+        out.insert(0, self.encode(decision))
+        if self.audit:
+            out.append((AUDIT, self.audit_encode(erasure_audit(decision, subject, self.key_id))))
+        self.decisions.inc()
+        return out
+
+    def _apply_identity(self, identity: Any, outcome: Outcome) -> list[Any]:
+        """Carry out an identity transition's outcome (udfs/identity.py): state writes here, messages returned."""
+        if outcome.changed and identity is not None:
+            value = identity_to_state(identity)
+            if value is None:
+                self.identity_state.clear()
+            else:
+                self.identity_state.update(value)
+        if outcome.clear_profile:
+            self.profile_state.clear()
+        if outcome.profile is not None:
+            self.profile_state.update(profile_to_state(outcome.profile))
+        if not outcome.messages:
+            return []
+        self.identity_messages.inc(len(outcome.messages))
+        return [(IDENTITY, Row(message_key(m), encode_message(m))) for m in outcome.messages]
+
+    def _identity_message(self, record: Any, subject: str) -> list[Any]:
+        """A message from another key (Claim, Handoff, Reject, Forward, Erase) read back from the control topic."""
+        message = decode_message(record[0])
+        if message.to != subject:
+            raise IdentityMessageError("identity message for another key arrived here (routing mismatch)")
+        now_ms = _now_ms()
+        identity = identity_from_state(self.identity_state.value())
+        window = self.alias_window_ms
+        if isinstance(message, Claim):
+            profile = profile_from_state(self.profile_state.value())
+            return self._apply_identity(identity, on_claim(identity, profile, message, now_ms, window))
+        if isinstance(message, Handoff):
+            profile = profile_from_state(self.profile_state.value())
+            return self._apply_identity(identity, on_handoff(identity, profile, message, now_ms, window,
+                                                             self.half_life_ms, self.profile_policy))
+        if isinstance(message, Reject):
+            return self._apply_identity(identity, on_reject(identity, message, now_ms, window))
+        if isinstance(message, Erase):
+            return self._apply_identity(identity, on_erase(identity, message, now_ms, window))
+        if isinstance(message, Forward):
+            profile = profile_from_state(self.profile_state.value())
+            outcome = on_forward(identity, profile, message, now_ms, window)
+            out = self._apply_identity(identity, outcome)
+            return out + self._decide(outcome.fold, subject) if outcome.fold is not None else out
+        raise IdentityMessageError(f"unhandled identity message {type(message).__name__}")
 
     def _control(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         """A message for this key on the control topic (udfs/control.py): a state check is answered on the audit
         topic with what is kept for the key (field names and size, no values); anything unreadable is
         dead-lettered."""
+        if record[0] is not None and record[0][:2] == MESSAGE_MAGIC:
+            try:
+                out = self._identity_message(record, _subject(ctx))
+            except IdentityMessageError as exc:
+                self.rejected.inc()
+                self._count_dead_letter(control.INVALID_CONTROL_MESSAGE)
+                yield DEAD_LETTERS, self._dead_letter(record, control.INVALID_CONTROL_MESSAGE, str(exc))
+                return
+            except Exception as exc:  # as for events: dead-letter, never crash the job
+                self.failures.inc()
+                self._count_dead_letter(PROCESSING_ERROR)
+                log.exception("identity message failed")
+                yield DEAD_LETTERS, self._dead_letter(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
+                return
+            yield from out
+            return
         try:
             message = control.decode(record[0])
             if message["kind"] != control.STATE_CHECK:
@@ -222,7 +325,8 @@ class Personalize(KeyedProcessFunction):
             check = control.parse_state_check(message)
             stored = self.profile_state.value()
             summary = state_check_audit(check.request_id, _subject(ctx), self.key_id,
-                                        {"profile": profile_from_state(stored) if stored else None},
+                                        {"profile": profile_from_state(stored) if stored else None,
+                                         "identity": self.identity_state.value()},
                                         self.personalizer.model_version,
                                         self.personalizer.rules_version)
         except control.ControlMessageError as exc:

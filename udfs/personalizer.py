@@ -137,4 +137,5 @@ class Personalizer:
             "reasons": choice.reasons,
             "event_time": event["event_time"],
             "decided_at": decided_at_ms if decided_at_ms is not None else time.time_ns() // 1_000_000,
+            "anonymous_id": event.get("anonymous_id"),
         }

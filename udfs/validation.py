@@ -47,10 +47,14 @@ def check_event(event: dict[str, Any], now_ms: int, limits: ValidationLimits) ->
     event_id = event.get("event_id")
     if not event_id or not event_id.strip():
         raise InvalidEvent(MISSING_EVENT_ID, "event_id is empty")
-    user_id = event.get("user_id")
-    if not user_id or not user_id.strip():
-        raise InvalidEvent(MISSING_USER_ID, f"event {event_id}: user_id is empty")
-    if len(event_id) > MAX_ID_LENGTH or len(user_id) > MAX_ID_LENGTH:
+    user_id = event.get("user_id") or ""
+    anonymous_id = event.get("anonymous_id") or ""
+    if not user_id.strip() and not anonymous_id.strip():
+        # before signup an event may carry only the anonymous id (identity resolution, udfs/identity.py)
+        raise InvalidEvent(MISSING_USER_ID, f"event {event_id}: user_id and anonymous_id are both empty")
+    if user_id and not user_id.strip():
+        raise InvalidEvent(MISSING_USER_ID, f"event {event_id}: user_id is blank")
+    if len(event_id) > MAX_ID_LENGTH or len(user_id) > MAX_ID_LENGTH or len(anonymous_id) > MAX_ID_LENGTH:
         raise InvalidEvent(FIELD_TOO_LONG, f"event {event_id}: ids are limited to {MAX_ID_LENGTH} characters")
     if event["event_type"] == "unknown":
         raise InvalidEvent(UNKNOWN_EVENT_TYPE, f"event {event_id}: event type not known to this schema version")
