@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jobs.config import REPO_ROOT, ConfigError, OnrampConfig, load_config
+from jobs.privacy_cli import add_privacy_commands
 
 RULES_TEMPLATES_DIR = REPO_ROOT / "rules" / "templates"
 
@@ -698,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "even if the quality gate finds the new model worse than the current one")
     _add_models_commands(sub, add)
     _add_rules_commands(sub, add)
+    add_privacy_commands(sub, add)
     p = add("submit", cmd_submit, "submit the personalize job to the Flink cluster (replaces a running one)")
     p.add_argument("--keep-running", action="store_true", help="do not cancel an already running Onramp job")
     p = add("produce", cmd_produce, "send generated onboarding events to the input topic")
@@ -731,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
 _KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
-                 "QualityGateError")
+                 "QualityGateError", "PrivacyError", "PseudonymKeyError")
 
 
 def main(argv: list[str] | None = None) -> int:

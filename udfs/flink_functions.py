@@ -50,8 +50,10 @@ def _now_ms() -> int:
 
 
 def _subject(ctx: Any) -> str:
-    """The pseudonym the current record is keyed by (the key is ``Row(routing_key)``)."""
-    return ctx.get_current_key()[0]
+    """The pseudonym the current record is keyed by. The key is declared ``Row(routing_key)``, but PyFlink hands
+    the keyed function a one-field row key as the bare value (seen with 2.2.1, thread mode); accept both."""
+    key = ctx.get_current_key()
+    return key if isinstance(key, str) else key[0]
 
 
 def routed(record: Any, key: PseudonymKey) -> Any:
