@@ -9,6 +9,7 @@
     onramp demo               all of the above in one go, with a readable summary
     onramp status / down      what runs / stop what `up` started
     onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (JSON)
+    onramp experiments ...    lint experiment files, plan sample sizes, report which strategy wins
 
 Every command reads one typed config (jobs/config.py): defaults, then ONRAMP_* environment variables, then the
 flags below (`--set key=value` for any setting, `--set kafka.security.protocol=SSL` / `--set flink.<option>=...`
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 from jobs.config import REPO_ROOT, ConfigError, OnrampConfig, load_config
 from jobs.privacy_cli import add_privacy_commands
+from jobs.experiments_cli import add_experiments_commands
 
 RULES_TEMPLATES_DIR = REPO_ROOT / "rules" / "templates"
 
@@ -700,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_commands(sub, add)
     _add_rules_commands(sub, add)
     add_privacy_commands(sub, add)
+    add_experiments_commands(sub, add)
     p = add("submit", cmd_submit, "submit the personalize job to the Flink cluster (replaces a running one)")
     p.add_argument("--keep-running", action="store_true", help="do not cancel an already running Onramp job")
     p = add("produce", cmd_produce, "send generated onboarding events to the input topic")
@@ -733,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
 _KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
-                 "QualityGateError", "PrivacyError", "PseudonymKeyError")
+                 "QualityGateError", "PrivacyError", "PseudonymKeyError", "ExperimentConfigError", "OutcomeFileError",
+                 "PlanError")
 
 
 def main(argv: list[str] | None = None) -> int:

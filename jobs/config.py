@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 BUILTIN_RULES = "builtin"
+NO_EXPERIMENTS = "none"
 EXECUTION_MODES = ("thread", "process")
 
 
@@ -70,6 +71,10 @@ class OnrampConfig:
     # job re-reads the file at most every rules_reload_interval_ms (0: never)
     rules_file: str = str(REPO_ROOT / "rules" / "onboarding.yaml")
     rules_reload_interval_ms: int = 1000
+    # Experiments: a YAML experiments file (udfs/experiments/experiments.schema.json, docs/experiments.md), or
+    # "none" for no experiments; the running job re-reads it at most every experiments_reload_interval_ms (0: never)
+    experiments_file: str = str(REPO_ROOT / "rules" / "experiments.yaml")
+    experiments_reload_interval_ms: int = 1000
     # Profile and interest scoring
     interest_half_life_hours: float = 72.0
     # Deduplication: an event id seen before for the user within this window (of event time, before the newest
@@ -119,7 +124,8 @@ class OnrampConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms",
-                     "model_reload_interval_ms", "rules_reload_interval_ms", "dedup_window_ms", "alias_window_ms"):
+                     "model_reload_interval_ms", "rules_reload_interval_ms", "experiments_reload_interval_ms",
+                     "dedup_window_ms", "alias_window_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):
@@ -139,6 +145,9 @@ class OnrampConfig:
                              self.control_topic) if t]
         if len(set(named)) != len(named):
             problems.append(f"input, decisions, dead-letter, audit and control topics must differ, got {named}")
+        if self.experiments_file != NO_EXPERIMENTS and not Path(self.experiments_file).is_file():
+            problems.append(f"experiments_file {self.experiments_file!r} does not exist (a YAML experiments file, "
+                            f"or {NO_EXPERIMENTS!r})")
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers must not be empty")
         if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:
