@@ -1,0 +1,1 @@
+"""Experiment analysis: outcomes, statistics and reports (offline; not shipped to the cluster)."""
