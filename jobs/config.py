@@ -38,6 +38,11 @@ class OnrampConfig:
     decisions_topic: str = "next-step-decisions"
     dead_letter_topic: str = "onboarding-dead-letters"
     group_id: str = "onramp-personalize"
+    # Experiment outcomes (jobs/experiment_outcomes.py): per-user outcome rows, keyed (user, experiment), for a
+    # compacted topic. The job reads events and decisions as consumer group "<group_id>-experiment-outcomes".
+    experiment_outcomes_topic: str = "experiment-outcomes"
+    # Outcomes are product analytics: only users whose last stated consent allows analytics get rows.
+    outcomes_require_analytics_consent: bool = True
     topic_partitions: int = 1
     # Flink
     flink_rest_url: str = "http://localhost:8081"
@@ -118,6 +123,8 @@ class OnrampConfig:
             problems.append("churn_horizon_hours must be > 0")
         if self.rules_file != BUILTIN_RULES and not Path(self.rules_file).is_file():
             problems.append(f"rules_file {self.rules_file!r} does not exist (a YAML rule set, or {BUILTIN_RULES!r})")
+        if not self.experiment_outcomes_topic.strip():
+            problems.append("experiment_outcomes_topic must not be empty")
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers must not be empty")
         if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:
