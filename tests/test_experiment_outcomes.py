@@ -334,3 +334,74 @@ def test_outcomes_from_avro_files(tmp_path):
     rows = outcomes_from_avro(tmp_path / "events", [tmp_path / "decisions.avro"], now_ms=T0 + 86_400_000)
     assert rows == fold(events, decisions)
     assert len(rows) == 8 and {r.arm for r in rows} == {"treatment", "control"}
+
+
+# -- the streaming job on the real services --------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_streaming_job_writes_the_rows_the_batch_fold_computes(live_services):
+    """Events and decisions (with experiments maps) in; the outcomes topic's latest row per key equals the batch
+    fold of the same input, rows are written only when they change, and erasure / withdrawn analytics consent
+    delete a user's rows with tombstones. Exactly-once, the stricter delivery mode."""
+    import time
+
+    from jobs import flink_jobs
+    from jobs.experiment_outcomes import submit_outcomes_job
+    from jobs.kafka_io import make_producer, produce, read_records
+    from experiments.outcome_history import outcomes_from_outcomes_topic, outcomes_from_topics
+    from udfs.avro_codec import decision_codec, event_codec
+
+    cfg = dataclasses.replace(live_services, delivery="exactly-once", checkpoint_interval_ms=1000,
+                              input_topic="oc-events", decisions_topic="oc-decisions",
+                              experiment_outcomes_topic="oc-outcomes", group_id="oc")
+    start = time.time_ns() // 1_000_000 - 86_400_000
+    events, decisions = [], []
+    for n in range(6):
+        ev, de = journey(f"user-{n}", start + n * 3_600_000)
+        events += ev
+        decisions += de
+    later = [event("erasure_requested", start + 2 * 3_600_000 + 200 * MIN, "user-2"),
+             event("consent_updated", start + 3 * 3_600_000 + 200 * MIN, "user-3", consent=NO)]
+    ecodec, dcodec = event_codec(), decision_codec()
+
+    def send(topic: str, records: list[dict], codec) -> None:
+        producer = make_producer(cfg)
+        produce(producer, topic, [(r["user_id"].encode(), codec.encode(r)) for r in records])
+        producer.close()
+
+    def wait_for(expected: list[UserOutcome], timeout_s: float = 90.0) -> list[UserOutcome]:
+        deadline = time.monotonic() + timeout_s
+        rows: list[UserOutcome] = []
+        while time.monotonic() < deadline:
+            rows = outcomes_from_outcomes_topic(cfg)
+            if rows == expected:
+                return rows
+            time.sleep(1.0)
+        return rows
+
+    half = len(events) // 2
+    send(cfg.input_topic, events[:half] + [dict(events[0], user_id="")], ecodec)  # one invalid: skipped
+    send(cfg.decisions_topic, decisions, dcodec)
+    job_id = submit_outcomes_job(cfg)
+    try:
+        first = fold(events[:half], decisions)
+        assert first and wait_for(first) == first
+        send(cfg.input_topic, events[half:] + events[:5] + later, ecodec)  # events[:5]: replayed duplicates
+        expected = fold(events + later, decisions)
+        assert {r.user_id for r in expected} == {"user-0", "user-1", "user-4", "user-5"}
+        assert wait_for(expected) == expected
+        log = [(r.key, r.value) for r in read_records(cfg, cfg.experiment_outcomes_topic, timeout_s=30,
+                                                      idle_timeout_s=3)]
+    finally:
+        flink_jobs.cancel(cfg, job_id)
+
+    # Only changes are written: no key gets the same value twice in a row; erased / withdrawn users end in tombstones.
+    last: dict[bytes, bytes | None] = {}
+    for key, value in log:
+        assert last.get(key, b"-") != value
+        last[key] = value
+    gone = {json.loads(k)[0] for k, v in last.items() if v is None}
+    assert gone == {"user-2", "user-3"}
+    # The batch path over the same topics agrees.
+    assert outcomes_from_topics(cfg, cfg.input_topic, cfg.decisions_topic) == expected
