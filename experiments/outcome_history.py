@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import fastavro
 
@@ -111,8 +111,9 @@ def read_decision_files(paths: Sequence[Path | str] | Path | str, *,
 
 
 def _fold(events: list[dict[str, Any]], decisions: list[dict[str, Any]], skipped_decisions: dict[str, int],
-          require_analytics_consent: bool, source: str) -> list[UserOutcome]:
-    rows, invalid = fold_outcomes(events, decisions, require_analytics_consent=require_analytics_consent)
+          require_analytics_consent: bool, user_key: Callable[[str], str] | None, source: str) -> list[UserOutcome]:
+    rows, invalid = fold_outcomes(events, decisions, require_analytics_consent=require_analytics_consent,
+                                  user_key=user_key)
     if skipped_decisions or invalid:
         log.warning("outcomes from %s: %d decision(s) skipped as invalid: %s", source,
                     sum(skipped_decisions.values()) + invalid, skipped_decisions or {"invalid": invalid})
@@ -125,13 +126,16 @@ def _fold(events: list[dict[str, Any]], decisions: list[dict[str, Any]], skipped
 def outcomes_from_avro(event_paths: Sequence[Path | str] | Path | str,
                        decision_paths: Sequence[Path | str] | Path | str, *, now_ms: int | None = None,
                        limits: ValidationLimits | None = None,
-                       require_analytics_consent: bool = True) -> list[UserOutcome]:
+                       require_analytics_consent: bool = True,
+                       user_key: Callable[[str], str] | None = None) -> list[UserOutcome]:
     """Outcome rows from Avro container files of events and of decisions (files or directories of ``*.avro``).
 
-    Events pass the stream's validation (:func:`models.history.read_avro_files`, judged at ``now_ms``)."""
+    Events pass the stream's validation (:func:`models.history.read_avro_files`, judged at ``now_ms``).
+    ``user_key``: the id rows carry, as in :func:`experiments.outcomes.fold_outcomes` (pass the routing key's
+    pseudonym function to match the streaming job's rows)."""
     batch = read_avro_files(event_paths, now_ms=now_ms, limits=limits)
     decisions, skipped = read_decision_files(decision_paths)
-    return _fold(batch.events, decisions, skipped, require_analytics_consent, "avro files")
+    return _fold(batch.events, decisions, skipped, require_analytics_consent, user_key, "avro files")
 
 
 def _decision_decoder() -> Any:
@@ -148,16 +152,18 @@ def _decision_decoder() -> Any:
 
 def outcomes_from_topics(cfg: Any, events_topic: str, decisions_topic: str, from_ms: int | None = None,
                          to_ms: int | None = None, timeout_s: float = 60.0, *,
-                         require_analytics_consent: bool | None = None) -> list[UserOutcome]:
+                         require_analytics_consent: bool | None = None,
+                         user_key: Callable[[str], str] | None = None) -> list[UserOutcome]:
     """Outcome rows from the records of both topics whose Kafka timestamp lies in ``[from_ms, to_ms)``
     (:func:`models.history.window_for` gives a rolling window). A decision is stamped a little after the event it
     answers, so the decisions of events right at ``to_ms`` may fall outside: take the window's end in the past.
-    ``require_analytics_consent`` defaults to the config's ``outcomes_require_analytics_consent``."""
+    ``require_analytics_consent`` defaults to the config's ``outcomes_require_analytics_consent``; ``user_key``
+    as in :func:`outcomes_from_avro`."""
     if require_analytics_consent is None:
         require_analytics_consent = cfg.outcomes_require_analytics_consent
     events = read_kafka_topic(cfg, events_topic, from_ms, to_ms, timeout_s)
     decisions = read_kafka_topic(cfg, decisions_topic, from_ms, to_ms, timeout_s, decode=_decision_decoder())
-    return _fold(events.events, decisions.events, decisions.skipped, require_analytics_consent,
+    return _fold(events.events, decisions.events, decisions.skipped, require_analytics_consent, user_key,
                  f"topics {events_topic} + {decisions_topic}")
 
 

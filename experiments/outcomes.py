@@ -40,7 +40,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from experiments.records import UserOutcome
 from udfs.avro_codec import CodecError, SingleObjectCodec
@@ -123,7 +123,7 @@ def split_engagement_ms(times: list[int], at_ms: int) -> tuple[int, int]:
 class UserOutcomeState:
     """What one user's outcomes are computed from; JSON-serializable (:meth:`to_json`) for Flink keyed state."""
 
-    user_id: str | None = None
+    user_id: str | None = None  # the id rows carry: set it to the state's key before folding (else: the first user_id seen)
     signup_ms: int | None = None  # earliest signup
     completed_ms: int | None = None  # earliest onboarding_completed
     steps: dict[str, int] = field(default_factory=dict)  # step_id -> earliest step_completed time
@@ -268,12 +268,27 @@ class UserOutcomeState:
 
 
 def fold_outcomes(events: Iterable[dict[str, Any]], decisions: Iterable[dict[str, Any]], *,
-                  require_analytics_consent: bool = True) -> tuple[list[UserOutcome], int]:
+                  require_analytics_consent: bool = True,
+                  user_key: Callable[[str], str] | None = None) -> tuple[list[UserOutcome], int]:
     """Outcome rows of all users in ``events`` (validated) and ``decisions``, sorted by (experiment, arm, user);
-    plus the number of decisions skipped as invalid (:func:`check_decision`). Order of the inputs is irrelevant."""
+    plus the number of decisions skipped as invalid (:func:`check_decision`). Order of the inputs is irrelevant.
+
+    ``user_key(user_id)`` is the id the rows carry (default: the user id itself). The streaming job's rows carry
+    the key its state is kept under, i.e. whatever the routing key makes of the user id (a pseudonym where the
+    routing key pseudonymizes): pass the same function here to get comparable rows. Events without a user id
+    (anonymous, before signup) are left out: no decision exposes them to an experiment."""
+    key = user_key or (lambda user_id: user_id)
     states: dict[str, UserOutcomeState] = {}
+
+    def state_of(user_id: str) -> UserOutcomeState:
+        k = key(user_id)
+        if k not in states:
+            states[k] = UserOutcomeState(user_id=k)
+        return states[k]
+
     for event in events:
-        states.setdefault(event["user_id"], UserOutcomeState()).apply_event(event)
+        if event.get("user_id"):
+            state_of(event["user_id"]).apply_event(event)
     skipped = 0
     for decision in decisions:
         try:
@@ -281,7 +296,7 @@ def fold_outcomes(events: Iterable[dict[str, Any]], decisions: Iterable[dict[str
         except InvalidDecision:
             skipped += 1
             continue
-        states.setdefault(decision["user_id"], UserOutcomeState()).apply_decision(decision)
+        state_of(decision["user_id"]).apply_decision(decision)
     rows = [row for state in states.values() for row in state.outcomes(require_analytics_consent)]
     rows.sort(key=lambda r: (r.experiment_id, r.arm, r.user_id))
     return rows, skipped

@@ -121,6 +121,13 @@ class ExperimentOutcomes(KeyedProcessFunction):
         stored = self.state.value()
         data = json.loads(stored) if stored else {"state": None, "emitted": {}}
         state = UserOutcomeState.from_json(data["state"])
+        if state.user_id is None:
+            # Rows carry the key the state is kept under (the routing key: a pseudonym where it pseudonymizes),
+            # not the raw id read from the record, so no raw id reaches the state or the outcomes topic.
+            # PyFlink hands the key selector's Row(routing_key) back as the plain string (checked on the
+            # mini-cluster); take the field should a version hand back the Row.
+            key = ctx.get_current_key()
+            state.user_id = key if isinstance(key, str) else key[0]
         try:
             writer = self.store.by_fingerprint(value[2:10]) if len(value) >= 10 else None
             if writer is not None and writer.name == self.decision_schema:

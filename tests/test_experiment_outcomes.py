@@ -244,6 +244,14 @@ def test_state_json_version_and_invalid_decisions():
     assert (rows, skipped) == ([], 1)
 
 
+def test_rows_carry_the_user_key_and_anonymous_events_are_left_out():
+    events, decisions = journey()
+    anonymous = dict(event("page_view", T0 + 2 * MIN), user_id=None, anonymous_id="device-1")
+    rows = fold(events + [anonymous], decisions, user_key=lambda user_id: "pseudo-" + user_id)
+    assert {r.user_id for r in rows} == {"pseudo-u1"}
+    assert [dataclasses.replace(r, user_id="u1") for r in rows] == fold(events, decisions)
+
+
 # -- aggregates and rows ---------------------------------------------------------------------------------------
 
 
@@ -380,16 +388,23 @@ def test_streaming_job_writes_the_rows_the_batch_fold_computes(live_services):
             time.sleep(1.0)
         return rows
 
+    # The job's rows carry the routing key: the raw user id here, a pseudonym where the routing key pseudonymizes
+    # (udfs/pseudonym.py); the batch fold then needs the same function to give comparable rows.
+    try:
+        from udfs.pseudonym import load_key
+        user_key = load_key(cfg.pseudonym_key_file).user
+    except ImportError:
+        user_key = lambda user_id: user_id  # noqa: E731
     half = len(events) // 2
     send(cfg.input_topic, events[:half] + [dict(events[0], user_id="")], ecodec)  # one invalid: skipped
     send(cfg.decisions_topic, decisions, dcodec)
     job_id = submit_outcomes_job(cfg)
     try:
-        first = fold(events[:half], decisions)
+        first = fold(events[:half], decisions, user_key=user_key)
         assert first and wait_for(first) == first
         send(cfg.input_topic, events[half:] + events[:5] + later, ecodec)  # events[:5]: replayed duplicates
-        expected = fold(events + later, decisions)
-        assert {r.user_id for r in expected} == {"user-0", "user-1", "user-4", "user-5"}
+        expected = fold(events + later, decisions, user_key=user_key)
+        assert {r.user_id for r in expected} == {user_key(f"user-{n}") for n in (0, 1, 4, 5)}
         assert wait_for(expected) == expected
         log = [(r.key, r.value) for r in read_records(cfg, cfg.experiment_outcomes_topic, timeout_s=30,
                                                       idle_timeout_s=3)]
@@ -402,6 +417,6 @@ def test_streaming_job_writes_the_rows_the_batch_fold_computes(live_services):
         assert last.get(key, b"-") != value
         last[key] = value
     gone = {json.loads(k)[0] for k, v in last.items() if v is None}
-    assert gone == {"user-2", "user-3"}
+    assert gone == {user_key("user-2"), user_key("user-3")}
     # The batch path over the same topics agrees.
-    assert outcomes_from_topics(cfg, cfg.input_topic, cfg.decisions_topic) == expected
+    assert outcomes_from_topics(cfg, cfg.input_topic, cfg.decisions_topic, user_key=user_key) == expected
