@@ -1,7 +1,9 @@
-"""Experiment analysis: statistics, reports, planning and simulation over per-user outcomes.
+"""Experiment analysis: outcomes, statistics, reports, planning and simulation over per-user outcomes.
 
-The job-side half (definitions, assignment) is :mod:`udfs.experiments`; this package needs scipy, statsmodels and
-matplotlib and never runs on the Flink cluster. Modules: :mod:`.records` (the UserOutcome row), :mod:`.stats`
-(tests and intervals), :mod:`.analysis` (one experiment's report object), :mod:`.report` (terminal, HTML, PNG),
-:mod:`.plan` (sample sizes), :mod:`.simulate` (simulated outcomes for tests and the demo).
+The job-side half (definitions, assignment) is :mod:`udfs.experiments`. Modules: :mod:`.records` (the UserOutcome
+row), :mod:`.outcomes` (per-user outcomes folded from events and decisions), :mod:`.outcome_history` (the batch
+path over Avro files and topics), :mod:`.stats` (tests and intervals), :mod:`.analysis` (one experiment's report
+object), :mod:`.report` (terminal, HTML, PNG), :mod:`.plan` (sample sizes), :mod:`.simulate` (simulated outcomes).
+The streaming outcomes job (jobs/experiment_outcomes.py) ships the pure modules to the cluster; the statistics
+(scipy, statsmodels, matplotlib) never run there.
 """

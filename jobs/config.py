@@ -43,6 +43,11 @@ class OnrampConfig:
     # Messages to one key of the running job (state checks; udfs/control.py), read next to the input topic
     control_topic: str = "onramp-control"
     group_id: str = "onramp-personalize"
+    # Experiment outcomes (jobs/experiment_outcomes.py): per-user outcome rows, keyed (user, experiment), for a
+    # compacted topic. The job reads events and decisions as consumer group "<group_id>-experiment-outcomes".
+    experiment_outcomes_topic: str = "experiment-outcomes"
+    # Outcomes are product analytics: only users whose last stated consent allows analytics get rows.
+    outcomes_require_analytics_consent: bool = True
     topic_partitions: int = 1
     # Flink
     flink_rest_url: str = "http://localhost:8081"
@@ -148,6 +153,8 @@ class OnrampConfig:
         if self.experiments_file != NO_EXPERIMENTS and not Path(self.experiments_file).is_file():
             problems.append(f"experiments_file {self.experiments_file!r} does not exist (a YAML experiments file, "
                             f"or {NO_EXPERIMENTS!r})")
+        if not self.experiment_outcomes_topic.strip():
+            problems.append("experiment_outcomes_topic must not be empty")
         if not self.bootstrap_servers.strip():
             problems.append("bootstrap_servers must not be empty")
         if self.delivery == "exactly-once" and self.transaction_timeout_ms > 900_000:

@@ -24,6 +24,8 @@ from jobs.config import REPO_ROOT, OnrampConfig
 log = logging.getLogger(__name__)
 
 JOB_SCRIPT = REPO_ROOT / "jobs" / "personalize.py"
+# Project directories shipped with a job (``-pyfs``): TaskManagers import Onramp's code and schemas from these.
+SHIPPED_DIRS: tuple[str, ...] = ("jobs", "udfs", "models", "avro", "rules")
 _JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
 
@@ -143,8 +145,10 @@ def submit(
     script: Path = JOB_SCRIPT,
     job_args: list[str] | None = None,
     timeout_s: float = 180.0,
+    ship_dirs: tuple[str, ...] = SHIPPED_DIRS,
 ) -> str:
-    """``flink run -d -py <script>`` against ``cfg.flink_rest_url``; returns the job id."""
+    """``flink run -d -py <script>`` against ``cfg.flink_rest_url``; returns the job id. ``ship_dirs``: the
+    project directories the job's Python code needs on the TaskManagers."""
     target = urlparse(cfg.flink_rest_url)
     # The workers' Python: the one the job config names (flink.python.executable), else this venv's.
     worker_python = cfg.extra.get("flink.python.executable", sys.executable)
@@ -154,7 +158,7 @@ def submit(
         "-pyexec", worker_python, "-pyclientexec", sys.executable,
         "-py", str(script),
         # Ship the project's code and schemas: TaskManagers import them from the job's own files.
-        "-pyfs", ",".join(str(REPO_ROOT / d) for d in ("jobs", "udfs", "models", "avro", "rules")),
+        "-pyfs", ",".join(str(REPO_ROOT / d) for d in ship_dirs),
         "--config-json", json.dumps(cfg.as_dict()),
         *[arg for jar in jars for arg in ("--jar", str(jar))],
         *(job_args or []),

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import fastavro
 
@@ -232,14 +232,16 @@ def _offset_ranges(consumer: Any, tps: list[Any], from_ms: int | None, timeout_m
 
 def read_kafka_topic(cfg: Any, topic: str, from_ms: int | None = None, to_ms: int | None = None,
                      timeout_s: float = 60.0, *, limits: ValidationLimits | None = None,
-                     codec: SingleObjectCodec | None = None) -> HistoryBatch:
+                     codec: SingleObjectCodec | None = None,
+                     decode: Callable[[bytes, int], dict[str, Any]] | None = None) -> HistoryBatch:
     """Valid OnboardingEvents of ``topic`` whose Kafka timestamp lies in ``[from_ms, to_ms)`` (None: open end).
 
     Each partition is read (read_committed) from the first offset at or after ``from_ms`` until the end offset
     captured when reading starts, or until its first record stamped ``to_ms`` or later (Kafka timestamps are
     taken as non-decreasing per partition, as they are for log-append time or in-order producers). Raises
     :class:`TimeoutError` if that takes longer than ``timeout_s`` (a partial history is not returned).
-    ``limits`` default to the config's validation limits.
+    ``limits`` default to the config's validation limits. ``decode(value, now_ms)`` replaces the event decoding
+    to read another record type (e.g. decisions); it raises :class:`InvalidEvent` for a record to skip.
     """
     from kafka import TopicPartition
 
@@ -249,6 +251,9 @@ def read_kafka_topic(cfg: Any, topic: str, from_ms: int | None = None, to_ms: in
         raise ValueError(f"empty time range: from_ms {from_ms} >= to_ms {to_ms}")
     limits = limits or ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     codec = codec or event_codec()
+    if decode is None:
+        def decode(value: bytes, now_ms: int) -> dict[str, Any]:
+            return decode_event(codec, value, now_ms, limits)
     deadline = time.monotonic() + timeout_s
 
     def remaining_ms() -> int:
@@ -291,7 +296,7 @@ def read_kafka_topic(cfg: Any, topic: str, from_ms: int | None = None, to_ms: in
                         continue
                     now_ms = record.timestamp if record.timestamp >= 0 else time.time_ns() // 1_000_000
                     try:
-                        events.append(decode_event(codec, record.value or b"", now_ms, limits))
+                        events.append(decode(record.value or b"", now_ms))
                     except InvalidEvent as exc:
                         skipped[exc.code] += 1
             # Past the last record (control markers of transactions included): the position tells.

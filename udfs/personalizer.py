@@ -134,6 +134,7 @@ class Personalizer:
             "personalized": personalized,
             "model_version": self.model_version,
             "rules_version": self.rules_version,
+            "experiments": {},  # experiment arms: filled once assignment is wired into the personalize job
             "reasons": choice.reasons,
             "event_time": event["event_time"],
             "decided_at": decided_at_ms if decided_at_ms is not None else time.time_ns() // 1_000_000,
