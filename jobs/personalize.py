@@ -113,6 +113,48 @@ def resolve_rules(cfg: OnrampConfig) -> tuple[str | None, str | None]:
     return text, str(path)
 
 
+def _rules_version(rules_text: str | None, rules_path: str | None) -> str:
+    from udfs.next_step import RULES_VERSION
+    from udfs.rules.compiler import compile_rules_text
+
+    return compile_rules_text(rules_text, rules_path or "rules").version if rules_text else RULES_VERSION
+
+
+def _bundle_version(bundle_dir: Path) -> str:
+    from udfs.model_bundle import MANIFEST_FILE
+
+    manifest = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text())
+    return str(manifest.get("version") or Path(bundle_dir).name)
+
+
+def resolve_experiments(cfg: OnrampConfig, rules_version: str, model_version: str) -> tuple[str | None, str | None]:
+    """The experiments file the job ships with: (YAML text, absolute path to follow), or (None, None) when
+    ``experiments_file`` is "none". Validated here, at the client, so a broken file fails the submission; so does
+    a running arm that pins another rule set or model bundle than the job's, since the job runs one of each."""
+    from jobs.config import NO_EXPERIMENTS
+    from udfs.experiments import ExperimentConfigError, parse_experiments
+
+    if cfg.experiments_file == NO_EXPERIMENTS:
+        return None, None
+    path = Path(cfg.experiments_file).resolve()
+    text = path.read_text()
+    experiments = parse_experiments(text, str(path))
+    problems = []
+    for exp in experiments.experiments.values():
+        if not exp.enabled:
+            continue
+        for arm in exp.arms:
+            pinned = (("rules_version", arm.changes.rules_version, rules_version),
+                      ("model_version", arm.changes.model_version, model_version))
+            problems += [f"{path}: experiment {exp.id}, arm {arm.id}: {name} {want} is not the job's ({have}); the "
+                         "job runs one rule set and one model bundle, so arms may only differ in control and "
+                         "content_variant" for name, want, have in pinned if want and want != have]
+    if problems:
+        raise ExperimentConfigError(problems)
+    log.info("experiments %s (%s)", experiments.version, path)
+    return text, str(path)
+
+
 def key_by_routing_key(records: DataStream) -> KeyedStream:
     """Key a stream of :data:`ROUTED_RECORD` rows by their first field, in the JVM.
 
@@ -140,8 +182,11 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     """Wire the Onramp operators onto a stream of :data:`ROUTED_RECORD` rows ``Row(routing_key, Row(value,
     topic, partition, offset))``."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
-    bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
+    bundle_dir = resolve_bundle(cfg, bundle_path)
+    bundle_files = read_bundle_files(bundle_dir)
     rules_text, rules_path = resolve_rules(cfg)
+    experiments_text, experiments_path = resolve_experiments(cfg, _rules_version(rules_text, rules_path),
+                                                             _bundle_version(bundle_dir))
     decisions = (
         key_by_routing_key(records)
         .process(
@@ -151,7 +196,9 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         rules_reload_interval_ms=cfg.rules_reload_interval_ms,
                         profile_policy=cfg.profile_policy(), gc_freeze=cfg.gc_freeze,
                         control_topic=cfg.control_topic, audit=bool(cfg.audit_topic),
-                        key_file=str(Path(cfg.pseudonym_key_file).resolve()), alias_window_ms=cfg.alias_window_ms),
+                        key_file=str(Path(cfg.pseudonym_key_file).resolve()), alias_window_ms=cfg.alias_window_ms,
+                        experiments_text=experiments_text, experiments_path=experiments_path,
+                        experiments_reload_interval_ms=cfg.experiments_reload_interval_ms),
             output_type=BYTES,
         )
         .uid("personalize")

@@ -18,6 +18,7 @@ from pyflink.datastream.state import ValueStateDescriptor
 
 from udfs import control, gc_pauses
 from udfs.audit import decision_audit, erasure_audit, state_check_audit
+from udfs.experiments import EMPTY_SET, parse_experiments
 from udfs.identity import (MESSAGE_MAGIC, Claim, Erase, Forward, Handoff, IdentityMessageError, Outcome, Reject,
                            decode_message, encode_message, identity_from_state, identity_to_state, message_key,
                            on_anon_event, on_claim, on_erase, on_erasure, on_forward, on_handoff, on_link, on_reject)
@@ -112,7 +113,8 @@ class Personalize(KeyedProcessFunction):
                  rules_text: str | None = None, rules_path: str | None = None, rules_reload_interval_ms: int = 0,
                  profile_policy: ProfilePolicy | None = None, gc_freeze: bool = True,
                  control_topic: str = "", audit: bool = False, key_file: str | None = None,
-                 alias_window_ms: int = 24 * 3_600_000):
+                 alias_window_ms: int = 24 * 3_600_000, experiments_text: str | None = None,
+                 experiments_path: str | None = None, experiments_reload_interval_ms: int = 0):
         self.bundle_files = bundle_files
         self.gc_freeze = gc_freeze
         self.control_topic = control_topic
@@ -121,6 +123,10 @@ class Personalize(KeyedProcessFunction):
         self.key = None
         self.key_id = ""
         self.alias_window_ms = alias_window_ms
+        self.experiments_text = experiments_text
+        self.experiments_path = experiments_path
+        self.experiments_reload_interval_ms = experiments_reload_interval_ms if experiments_path else 0
+        self.experiments_watcher = None
         self.identity_state = None
         self.half_life_ms = half_life_ms
         self.profile_policy = profile_policy or ProfilePolicy()
@@ -146,7 +152,13 @@ class Personalize(KeyedProcessFunction):
         log.info("personalize: model bundle %s", bundle.version if bundle else "none")
         rules = compile_rules_text(self.rules_text, self.rules_path or "rules") if self.rules_text else None
         log.info("personalize: rule set %s", rules.version if rules else "builtin")
-        self.personalizer = Personalizer(bundle, self.half_life_ms, rules, self.profile_policy)
+        experiments = (parse_experiments(self.experiments_text, self.experiments_path or "experiments")
+                       if self.experiments_text else EMPTY_SET)
+        log.info("personalize: experiments %s", experiments.version)
+        self.personalizer = Personalizer(bundle, self.half_life_ms, rules, self.profile_policy, experiments)
+        self.experiments_watcher = RulesWatcher(Path(self.experiments_path or "."), self.experiments_reload_interval_ms,
+                                                content_sha(self.experiments_text) if self.experiments_text else None,
+                                                parse_experiments, label="experiments")
         self.rules_watcher = RulesWatcher(Path(self.rules_path or "."), self.rules_reload_interval_ms,
                                           content_sha(self.rules_text) if self.rules_text else None, compile_rules_text)
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
@@ -172,6 +184,8 @@ class Personalize(KeyedProcessFunction):
         self.reload_refusals = metrics.counter("model_reload_refusals")
         self.rules_reloads = metrics.counter("rules_reloads")
         self.rules_refusals = metrics.counter("rules_reload_refusals")
+        self.experiments_reloads = metrics.counter("experiments_reloads")
+        self.experiments_refusals = metrics.counter("experiments_reload_refusals")
         pauses = gc_pauses.install()
         metrics.gauge("gc_full_collections", pauses.full_collections)
         metrics.gauge("gc_max_full_pause_ms", lambda: int(pauses.max_full_pause_ms()))
@@ -187,6 +201,9 @@ class Personalize(KeyedProcessFunction):
             self._follow(self.watcher, "scorer", self.reloads, self.reload_refusals, now_ms)
         if self.rules_watcher.due(now_ms):
             self._follow(self.rules_watcher, "rules", self.rules_reloads, self.rules_refusals, now_ms)
+        if self.experiments_watcher.due(now_ms):
+            self._follow(self.experiments_watcher, "experiments", self.experiments_reloads, self.experiments_refusals,
+                         now_ms)
         try:
             event = decode_event(self.event_codec, record[0], now_ms, self.limits)
         except InvalidEvent as exc:
@@ -233,7 +250,7 @@ class Personalize(KeyedProcessFunction):
             self.duplicates.inc()
             log.debug("duplicate event %s: no decision", event["event_id"])
             return []
-        decision = personalizer.decide(profile, event)
+        decision = personalizer.decide(profile, event, subject=subject)
         self.profile_state.update(profile_to_state(profile))
         out = [self.encode(decision)]
         if self.audit:

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from udfs.experiments import EMPTY_SET, NO_CHANGES, ArmChanges, ExperimentSet
 from udfs.features import compute_features, interest_scores
 from udfs.next_step import RULES_VERSION, StepChoice, choose_step, default_flow
 from udfs.rules.fields import rule_context
@@ -60,6 +61,7 @@ class Personalizer:
     half_life_ms: float
     rules: RuleSet | None = None
     policy: ProfilePolicy = DEFAULT_POLICY
+    experiments: ExperimentSet = EMPTY_SET
 
     @property
     def rules_version(self) -> str:
@@ -79,19 +81,29 @@ class Personalizer:
         fold_event(profile, event, self.half_life_ms, self.policy)
         return profile
 
-    def decide(self, profile: Profile, event: dict[str, Any], decided_at_ms: int | None = None) -> dict[str, Any]:
+    def decide(self, profile: Profile, event: dict[str, Any], decided_at_ms: int | None = None,
+               subject: str | None = None) -> dict[str, Any]:
         """The decision record (a dict matching ``avro/next_step_decision.avsc``) for ``event``, given the profile
-        that already includes it."""
+        that already includes it. ``subject``: the pseudonym the job keys the user by, which experiment
+        assignment hashes (offline callers without the key fall back to the raw id). Records the user's sticky
+        experiment arms in ``profile.experiments``; the caller stores the profile afterwards."""
         now = event["event_time"]
         segment_id, segment_name, churn_risk = -1, "unknown", 0.0
         interest: dict[str, float] = {}
         personalized = profile.consent_personalization is True and self.scorer is not None
+        scores = features = top_topic = None
         if personalized:
             features = compute_features(profile, now, self.half_life_ms)
             scores = self.scorer.score(features)
             segment_id, segment_name, churn_risk = scores.segment_id, scores.segment_name, scores.churn_risk
             interest = interest_scores(profile, now, self.half_life_ms, features)
             top_topic = max(interest, key=interest.__getitem__) if interest else None
+        changes = self._experiment_arms(profile, event, segment_id, subject)
+        if personalized and changes.control:
+            personalized = False
+            choice = default_flow(profile)
+            choice.reasons.append("experiment_control: the user's experiment arm is the default flow")
+        elif personalized:
             if self.rules is not None:
                 choice = self.rules.evaluate(rule_context(profile, features, scores, top_topic, event))
             else:
@@ -102,12 +114,42 @@ class Personalizer:
                 "no_model: no model bundle loaded" if profile.consent_personalization is True else
                 "no_consent: user has not consented to personalization"
             )
-        return self._record(event, choice, segment_id, segment_name, churn_risk, interest, personalized, decided_at_ms)
+        if changes is not NO_CHANGES:
+            self._apply_arm(choice, changes)
+        return self._record(event, choice, segment_id, segment_name, churn_risk, interest, personalized, decided_at_ms,
+                            profile.experiments)
+
+    def _experiment_arms(self, profile: Profile, event: dict[str, Any], segment_id: int,
+                         subject: str | None) -> ArmChanges:
+        """Assign the user to running experiments they are eligible for (sticky: ``profile.experiments``) and
+        return what their arms change. Eligibility sees the segment (when scored) and the allow-listed
+        demographic/context fields the profile holds."""
+        experiments = self.experiments
+        if not experiments.experiments:
+            return NO_CHANGES
+        context = {**profile.demographic, **profile.context}
+        if segment_id >= 0:
+            context["segment_id"] = segment_id
+        now = event["event_time"]
+        who = subject or event["user_id"] or event.get("anonymous_id") or ""
+        profile.experiments = experiments.assign(who, context, now, profile.experiments)
+        return experiments.changes_for(profile.experiments, now)
+
+    def _apply_arm(self, choice: StepChoice, changes: ArmChanges) -> None:
+        """What an arm changes beyond control: the content variant. An arm pinning another rule set or model
+        bundle than the one running is named in the reasons (the job runs one of each; jobs/personalize.py
+        refuses such a file at submission)."""
+        if changes.content_variant:
+            choice.content_variant = changes.content_variant
+        if changes.rules_version and changes.rules_version != self.rules_version:
+            choice.reasons.append(f"experiment_arm_not_applied: rules_version {changes.rules_version} is not loaded")
+        if changes.model_version and changes.model_version != self.model_version:
+            choice.reasons.append(f"experiment_arm_not_applied: model_version {changes.model_version} is not loaded")
 
     def erased(self, event: dict[str, Any], decided_at_ms: int | None = None) -> dict[str, Any]:
         """The answer to ``erasure_requested``: the profile is gone, nothing is personalized."""
         choice = StepChoice("none", "erased", {}, ["erasure_requested: profile deleted"])
-        return self._record(event, choice, -1, "unknown", 0.0, {}, False, decided_at_ms)
+        return self._record(event, choice, -1, "unknown", 0.0, {}, False, decided_at_ms, {})
 
     def _record(
         self,
@@ -119,6 +161,7 @@ class Personalizer:
         interest: dict[str, float],
         personalized: bool,
         decided_at_ms: int | None,
+        experiments: dict[str, str],
     ) -> dict[str, Any]:
         return {
             "decision_id": decision_id_for(event["event_id"]),
@@ -134,7 +177,7 @@ class Personalizer:
             "personalized": personalized,
             "model_version": self.model_version,
             "rules_version": self.rules_version,
-            "experiments": {},  # experiment arms: filled once assignment is wired into the personalize job
+            "experiments": experiments,
             "reasons": choice.reasons,
             "event_time": event["event_time"],
             "decided_at": decided_at_ms if decided_at_ms is not None else time.time_ns() // 1_000_000,

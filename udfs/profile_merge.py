@@ -46,6 +46,8 @@ def merge_profiles(user: Profile, anon: Profile, half_life_ms: float, policy: Pr
         consent_analytics=user.consent_analytics,
         consent_marketing=user.consent_marketing,
         recent_event_ids=_merge_ids(user.recent_event_ids, anon.recent_event_ids, policy),
+        # the visitor's arms carry over where the user has none: one person, one exposure per experiment
+        experiments={**anon.experiments, **user.experiments},
     )
     done = set(merged.steps_done)
     merged.steps_skipped = [s for s in _ordered_union(user, anon, "steps_skipped") if s not in done]

@@ -20,8 +20,8 @@ The profile holds two kinds of data, with different legal bases:
 
 * **Onboarding progress** (basis: service delivery, kept for every user): ``first_seen_ms``, ``signup_ms``,
   ``last_event_ms``, ``steps_done``, ``steps_skipped``, ``completed_ms``, the consent flags
-  (``consent_personalization``, ``consent_analytics``, ``consent_marketing``) and ``recent_event_ids``
-  (deduplication, :mod:`udfs.dedup`). The default flow, deduplication and the consent record need no more.
+  (``consent_personalization``, ``consent_analytics``, ``consent_marketing``), ``recent_event_ids``
+  (deduplication, :mod:`udfs.dedup`) and ``experiments`` (the user's sticky experiment arms). The default flow, deduplication and the consent record need no more.
 * **Behavioural data** (basis: consent to personalization): ``counts``, ``sessions``, ``interest``, the timings
   ``prev_gap_ms``, ``last_step_ms``, ``step_gap_sum_ms``, ``step_gaps``, and ``demographic`` and ``context``.
   It is kept only while ``consent_personalization is True``: without that consent (never stated counts as no)
@@ -88,6 +88,7 @@ class Profile:
     consent_analytics: bool | None = None
     consent_marketing: bool | None = None
     recent_event_ids: dict[int, int] = field(default_factory=dict)  # dedup.id_key(event_id) -> event_time, oldest first
+    experiments: dict[str, str] = field(default_factory=dict)  # experiment id -> arm, sticky (udfs/experiments)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Profile))

@@ -42,6 +42,7 @@ class RulesWatcher:
     current_sha: str | None
     compile_text: Callable[[str, str], Any]
     next_check_ms: int = 0
+    label: str = "rules"  # what the file holds, for log lines (the experiments file is followed the same way)
     refused: dict[str, str] = field(default_factory=dict)  # content sha -> why it was refused
     reloads: int = 0
     _stamp: tuple[int, int] | None = None  # (size, mtime_ns) last seen
@@ -60,8 +61,8 @@ class RulesWatcher:
             stat = os.stat(self.path)
         except OSError:
             if not self._unreachable_logged:
-                log.warning("rules hot reload: %s is not visible from this TaskManager; keeping the rule set the "
-                            "job was submitted with", self.path)
+                log.warning("%s hot reload: %s is not visible from this TaskManager; keeping what the job was "
+                            "submitted with", self.label, self.path)
                 self._unreachable_logged = True
             return None
         stamp = (stat.st_size, stat.st_mtime_ns)
@@ -70,7 +71,7 @@ class RulesWatcher:
         try:
             text = Path(self.path).read_text()
         except OSError as exc:
-            log.warning("rules hot reload: cannot read %s yet: %s", self.path, exc)
+            log.warning("%s hot reload: cannot read %s yet: %s", self.label, self.path, exc)
             return None
         self._stamp = stamp
         sha = content_sha(text)
@@ -80,9 +81,9 @@ class RulesWatcher:
             compiled = self.compile_text(text, str(self.path))
         except Exception as exc:  # any finding refuses the file; the job keeps its rule set
             self.refused[sha] = str(exc)
-            log.error("rules hot reload: refused %s (keeping the current rule set): %s", self.path, exc)
+            log.error("%s hot reload: refused %s (keeping the current version): %s", self.label, self.path, exc)
             return None
-        log.info("rules hot reload: %s -> rule set %s", self.path, getattr(compiled, "version", "?"))
+        log.info("%s hot reload: %s -> version %s", self.label, self.path, getattr(compiled, "version", "?"))
         self.current_sha = sha
         self.reloads += 1
         return compiled

@@ -1,0 +1,95 @@
+"""Experiments in the decision path (udfs/personalizer.py): assignment sticky in the profile, recorded in every
+decision, the control arm getting the default flow, content variants applied, and arms the job cannot honour
+refused at submission."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from jobs.config import load_config
+from jobs.personalize import resolve_experiments
+from udfs.experiments import ExperimentConfigError, parse_experiments
+from udfs.personalizer import Personalizer
+from udfs.profile_state import Profile
+
+from tests.conftest import make_event
+
+TWO_ARMS = """
+version: "t-1"
+layers:
+  - id: flow
+    experiments:
+      - id: pvc
+        salt: s1
+        arms:
+          - {id: personalized, weight: 50}
+          - {id: control, weight: 50, control: true}
+  - id: content
+    experiments:
+      - id: tone
+        salt: s2
+        arms:
+          - {id: formal, weight: 50}
+          - {id: friendly, weight: 50, content_variant: friendly}
+"""
+
+
+class FixedScorer:
+    version = "m-test"
+
+    def score(self, features):
+        from udfs.model_bundle import Scores
+
+        return Scores(segment_id=1, segment_name="explorer", churn_risk=0.2)
+
+
+def _consenting(user: str) -> dict:
+    event = make_event("signup", user_id=user)
+    event["consent"] = {"personalization": True, "analytics": True, "marketing": False}
+    return event
+
+
+def test_arms_are_recorded_sticky_and_applied():
+    personalizer = Personalizer(FixedScorer(), 3_600_000.0, experiments=parse_experiments(TWO_ARMS, "t.yaml"))
+    arms = Counter()
+    for i in range(400):
+        profile, event = Profile(), _consenting(f"u-{i}")
+        personalizer.fold(profile, event)
+        decision = personalizer.decide(profile, event, subject=f"pseudo-{i}")
+        assert decision["experiments"] == profile.experiments and set(profile.experiments) == {"pvc", "tone"}
+        arms[decision["experiments"]["pvc"]] += 1
+        if decision["experiments"]["pvc"] == "control":
+            assert not decision["personalized"] and any(r.startswith("experiment_control") for r in decision["reasons"])
+        else:
+            assert decision["personalized"]
+        if decision["experiments"]["tone"] == "friendly":
+            assert decision["content_variant"] == "friendly"
+        # sticky: the next event keeps the arms, whatever the weights say now
+        again = make_event("page_view", user_id=f"u-{i}")
+        personalizer.fold(profile, again)
+        assert personalizer.decide(profile, again, subject=f"pseudo-{i}")["experiments"] == decision["experiments"]
+    assert 150 < arms["control"] < 250  # 50/50 by hash
+
+
+def test_a_weight_change_moves_nobody_already_assigned():
+    before = Personalizer(None, 3_600_000.0, experiments=parse_experiments(TWO_ARMS, "t.yaml"))
+    after = Personalizer(None, 3_600_000.0, experiments=parse_experiments(
+        TWO_ARMS.replace("{id: personalized, weight: 50}", "{id: personalized, weight: 5}"), "t.yaml"))
+    for i in range(100):
+        profile, event = Profile(), _consenting(f"u-{i}")
+        before.fold(profile, event)
+        first = before.decide(profile, event, subject=f"p-{i}")["experiments"]
+        assert after.decide(profile, event, subject=f"p-{i}")["experiments"] == first
+
+
+def test_arms_pinning_another_rule_set_are_refused_at_submission(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(TWO_ARMS.replace("content_variant: friendly", "rules_version: other-rules"))
+    cfg = load_config({"experiments_file": str(path)}, environ={})
+    with pytest.raises(ExperimentConfigError, match="rules_version other-rules is not the job's"):
+        resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
+    path.write_text(TWO_ARMS)
+    text, followed = resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
+    assert text == TWO_ARMS and followed == str(path.resolve())
