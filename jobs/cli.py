@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.config import REPO_ROOT, ConfigError, OnrampConfig, load_config
+from jobs.config import REPO_ROOT, SECRET_FIELDS, ConfigError, OnrampConfig, load_config
 
 RULES_TEMPLATES_DIR = REPO_ROOT / "rules" / "templates"
 
@@ -62,6 +62,9 @@ def config_from_args(args: argparse.Namespace) -> OnrampConfig:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if key.replace("-", "_") in SECRET_FIELDS:
+            raise ConfigError(f"{key} must not be given on the command line (other users see it in `ps`); set "
+                              f"ONRAMP_{key.replace('-', '_').upper()} or {key.replace('-', '_')}_file instead")
         if key.startswith(("kafka.", "flink.")):
             extra[key] = value
         else:
@@ -717,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
 _KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
-                 "QualityGateError")
+                 "QualityGateError", "KafkaConnectionProblem", "KafkaSecurityError")
 
 
 def main(argv: list[str] | None = None) -> int:
