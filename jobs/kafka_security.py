@@ -102,11 +102,13 @@ def java_client_properties(cfg: OnrampConfig, *, kafka_package: str = SHADED_KAF
     """
     props = {"security.protocol": cfg.kafka_security_protocol}
     if uses_ssl(cfg):
+        # The CA certificates themselves, not their path: they are public, and travel inside the job graph, so
+        # TaskManagers on other hosts need no copy of the file (`onramp submit` ships no other files).
         props["ssl.truststore.type"] = "PEM"
-        props["ssl.truststore.location"] = _pem_file("kafka_ssl_cafile", cfg.kafka_ssl_cafile)
+        props["ssl.truststore.certificates"] = Path(_pem_file("kafka_ssl_cafile", cfg.kafka_ssl_cafile)).read_text()
         if not cfg.kafka_ssl_check_hostname:
             props["ssl.endpoint.identification.algorithm"] = ""
-        if cfg.kafka_ssl_certfile:
+        if cfg.kafka_ssl_certfile:  # a private key: by path, so it must exist there on every TaskManager
             props["ssl.keystore.type"] = "PEM"
             props["ssl.keystore.location"] = _pem_file("kafka_ssl_certfile", cfg.kafka_ssl_certfile)
     if uses_sasl(cfg):

@@ -84,7 +84,7 @@ def test_python_kwargs(ca, tmp_path):
 def test_java_properties(ca):
     props = java_client_properties(sasl_ssl(ca, kafka_sasl_mechanism="SCRAM-SHA-512"))
     assert props == {
-        "security.protocol": "SASL_SSL", "ssl.truststore.type": "PEM", "ssl.truststore.location": str(ca),
+        "security.protocol": "SASL_SSL", "ssl.truststore.type": "PEM", "ssl.truststore.certificates": ca.read_text(),
         "sasl.mechanism": "SCRAM-SHA-512",
         "sasl.jaas.config": f'{SHADED_KAFKA_PACKAGE}.common.security.scram.ScramLoginModule required '
                             'username="alice" password="s3cr\\"et\\\\pw";',
@@ -99,7 +99,8 @@ def test_job_source_and_sinks_get_the_properties(ca):
     cfg = load_config({"kafka_security_protocol": "SSL", "kafka_ssl_cafile": str(ca),
                        "extra": {"kafka.ssl.endpoint.identification.algorithm": ""}}, environ={})
     assert kafka_properties(cfg) == {"security.protocol": "SSL", "ssl.truststore.type": "PEM",
-                                     "ssl.truststore.location": str(ca), "ssl.endpoint.identification.algorithm": ""}
+                                     "ssl.truststore.certificates": ca.read_text(),
+                                     "ssl.endpoint.identification.algorithm": ""}
 
 
 def test_missing_pem_file_names_the_setting(tmp_path):
