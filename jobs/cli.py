@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.config import REPO_ROOT, ConfigError, OnrampConfig, load_config
-from jobs.privacy_cli import add_privacy_commands
+from jobs.config import REPO_ROOT, SECRET_FIELDS, ConfigError, OnrampConfig, load_config
 from jobs.experiments_cli import add_experiments_commands
+from jobs.privacy_cli import add_privacy_commands
 
 RULES_TEMPLATES_DIR = REPO_ROOT / "rules" / "templates"
 
@@ -65,6 +65,9 @@ def config_from_args(args: argparse.Namespace) -> OnrampConfig:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if key.replace("-", "_") in SECRET_FIELDS:
+            raise ConfigError(f"{key} must not be given on the command line (other users see it in `ps`); set "
+                              f"ONRAMP_{key.replace('-', '_').upper()} or {key.replace('-', '_')}_file instead")
         if key.startswith(("kafka.", "flink.")):
             extra[key] = value
         else:
@@ -737,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (subclasses included) so this module need not import every package to recognise them.
 _KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
                  "QualityGateError", "PrivacyError", "PseudonymKeyError", "ExperimentConfigError", "OutcomeFileError",
-                 "PlanError")
+                 "PlanError", "KafkaConnectionProblem", "KafkaSecurityError")
 
 
 def main(argv: list[str] | None = None) -> int:

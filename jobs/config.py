@@ -23,6 +23,15 @@ DELIVERY_MODES = ("at-least-once", "exactly-once")
 BUILTIN_RULES = "builtin"
 NO_EXPERIMENTS = "none"
 EXECUTION_MODES = ("thread", "process")
+# Kafka transport security (docs/security.md)
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# Settings never written to logs, `repr`, ``as_dict()`` (the job's command line) or status output: they reach a
+# job through the submitting process's environment (``secret_environ``) or a file (``kafka_sasl_password_file``).
+SECRET_FIELDS = ("kafka_sasl_password",)
+# Pass-through client options that would carry a secret onto the job's command line; the typed settings replace them.
+_SECRET_PASS_THROUGH = ("kafka.sasl.password", "kafka.sasl.jaas.config", "kafka.ssl.key.password",
+                        "kafka.ssl.keystore.password", "kafka.ssl.truststore.password", "kafka.ssl.keystore.key")
 
 
 class ConfigError(ValueError):
@@ -49,6 +58,16 @@ class OnrampConfig:
     # Outcomes are product analytics: only users whose last stated consent allows analytics get rows.
     outcomes_require_analytics_consent: bool = True
     topic_partitions: int = 1
+    # Kafka transport security for every client (CLI, tools, the job's source and sinks); docs/security.md.
+    # One set of PEM files serves the Python clients and the Java ones inside Flink (PEM trust/key stores).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_ssl_cafile: str = ""  # CA certificate(s) that signed the brokers' certificates (PEM)
+    kafka_ssl_certfile: str = ""  # mutual TLS only: ONE PEM file with the client's private key + certificate chain
+    kafka_ssl_check_hostname: bool = True
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)  # secret: set ONRAMP_KAFKA_SASL_PASSWORD, never a flag
+    kafka_sasl_password_file: str = ""  # or a file holding the password (first line)
     # Flink
     flink_rest_url: str = "http://localhost:8081"
     parallelism: int = 1
@@ -106,6 +125,10 @@ class OnrampConfig:
     # Local services
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
+    # The local broker also listens with TLS (SSL) on this port, and with SASL_SSL (PLAIN, the configured
+    # username/password) on the next one; 0: off. Certificates: <state_dir>/tls/ (jobs/tls_certs.py).
+    kafka_tls_port: int = 0
+    kafka_sasl_ssl_port: int = 0
     flink_rest_port: int = 8081
     service_timeout_s: float = 90.0
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -136,6 +159,10 @@ class OnrampConfig:
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):
             if not 0 < getattr(self, name) < 65536:
                 problems.append(f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")
+        for name in ("kafka_tls_port", "kafka_sasl_ssl_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                problems.append(f"{name} must be a TCP port (1-65535) or 0 (off), got {getattr(self, name)}")
+        problems += _security_problems(self)
         if self.dedup_max_ids < 1:
             problems.append(f"dedup_max_ids must be >= 1, got {self.dedup_max_ids}")
         if self.interest_half_life_hours <= 0:
@@ -187,7 +214,59 @@ class OnrampConfig:
                              self.dedup_max_ids)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+        """Every setting except the secrets (:data:`SECRET_FIELDS`): safe to print, log and pass on a command line."""
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)
+                if f.name not in SECRET_FIELDS}
+
+    def secret_environ(self) -> dict[str, str]:
+        """The secrets set on this config as ``ONRAMP_*`` environment entries, for a child process (``flink run``)
+        that rebuilds the config from :meth:`as_dict`: a process's environment is readable only by its user,
+        its command line by everyone (``ps``)."""
+        return {"ONRAMP_" + name.upper(): value for name in SECRET_FIELDS if (value := getattr(self, name))}
+
+
+def secrets_from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``ONRAMP_*`` entries of ``environ`` that carry secrets (see :meth:`OnrampConfig.secret_environ`)."""
+    names = {"ONRAMP_" + name.upper() for name in SECRET_FIELDS}
+    return {k: v for k, v in environ.items() if k in names}
+
+
+def _security_problems(cfg: OnrampConfig) -> list[str]:
+    """Transport security settings that cannot work together; checked before any client connects."""
+    problems = []
+    protocol = cfg.kafka_security_protocol
+    if protocol not in SECURITY_PROTOCOLS:
+        return [f"kafka_security_protocol must be one of {', '.join(SECURITY_PROTOCOLS)}, got {protocol!r}"]
+    if protocol.endswith("SSL") and not cfg.kafka_ssl_cafile:
+        problems.append(f"kafka_security_protocol={protocol} needs kafka_ssl_cafile: the PEM file of the CA that "
+                        "signed the brokers' certificates (for a public CA, the system bundle, e.g. "
+                        "/etc/ssl/certs/ca-certificates.crt; for the local broker, <state_dir>/tls/ca.pem)")
+    if protocol.startswith("SASL"):
+        if cfg.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            problems.append(f"kafka_security_protocol={protocol} needs kafka_sasl_mechanism, one of "
+                            f"{', '.join(SASL_MECHANISMS)}; got {cfg.kafka_sasl_mechanism or 'none'!r}")
+        if not cfg.kafka_sasl_username:
+            problems.append(f"kafka_security_protocol={protocol} needs kafka_sasl_username")
+        if not cfg.kafka_sasl_password and not cfg.kafka_sasl_password_file:
+            problems.append(f"kafka_security_protocol={protocol} needs a password: set ONRAMP_KAFKA_SASL_PASSWORD "
+                            "or kafka_sasl_password_file (a file holding it)")
+    elif cfg.kafka_sasl_mechanism and cfg.kafka_sasl_mechanism not in SASL_MECHANISMS:
+        problems.append(f"kafka_sasl_mechanism must be one of {', '.join(SASL_MECHANISMS)}, "
+                        f"got {cfg.kafka_sasl_mechanism!r}")
+    if cfg.kafka_sasl_password and cfg.kafka_sasl_password_file:
+        problems.append("set kafka_sasl_password or kafka_sasl_password_file, not both")
+    if cfg.kafka_sasl_password_file and not Path(cfg.kafka_sasl_password_file).is_file():
+        problems.append(f"kafka_sasl_password_file {cfg.kafka_sasl_password_file!r} does not exist")
+    if cfg.kafka_sasl_ssl_port and not (cfg.kafka_tls_port and cfg.kafka_sasl_username
+                                        and (cfg.kafka_sasl_password or cfg.kafka_sasl_password_file)):
+        problems.append("kafka_sasl_ssl_port needs kafka_tls_port (the certificates) and the SASL user the local "
+                        "broker accepts: kafka_sasl_username and ONRAMP_KAFKA_SASL_PASSWORD or kafka_sasl_password_file")
+    leaked = sorted(k for k in cfg.extra if k.lower() in _SECRET_PASS_THROUGH)
+    if leaked:
+        problems.append(f"{', '.join(leaked)} would put a secret on the job's command line; use the typed settings "
+                        "instead (kafka_sasl_username + ONRAMP_KAFKA_SASL_PASSWORD or kafka_sasl_password_file; "
+                        "PEM files for TLS), see docs/security.md")
+    return problems
 
 
 def _split_list(raw: str) -> tuple[str, ...]:

@@ -164,7 +164,7 @@ def submit(
         *(job_args or []),
     ]
     log.info("submitting %s to %s", script.name, cfg.flink_rest_url)
-    run_env = {**os.environ, **env}
+    run_env = {**os.environ, **env, **cfg.secret_environ()}  # secrets by environment, never on the command line
     try:
         done = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:

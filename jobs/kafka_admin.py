@@ -12,6 +12,7 @@ from kafka import KafkaAdminClient
 from kafka import errors as kafka_errors
 
 from jobs.config import OnrampConfig
+from jobs.kafka_security import explain_connection_errors, python_client_kwargs
 
 log = logging.getLogger("jobs.kafka_admin")
 
@@ -42,14 +43,18 @@ def _any_port_open(bootstrap: str, timeout_s: float = 1.0) -> bool:
 
 
 @contextlib.contextmanager
-def admin_client(bootstrap: str, *, timeout_s: float = 10.0, **configs: Any) -> Iterator[KafkaAdminClient]:
-    client = KafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="onramp-admin",
-        bootstrap_timeout_ms=int(timeout_s * 1000),
-        request_timeout_ms=int(max(timeout_s, 1.0) * 1000),
-        **configs,
-    )
+def admin_client(bootstrap: str, *, timeout_s: float = 10.0, cfg: OnrampConfig | None = None,
+                 **configs: Any) -> Iterator[KafkaAdminClient]:
+    """An admin client; with ``cfg``, over its transport security and with its connection errors explained."""
+    with explain_connection_errors(cfg):
+        client = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="onramp-admin",
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+            request_timeout_ms=int(max(timeout_s, 1.0) * 1000),
+            **(python_client_kwargs(cfg) if cfg is not None else {}),
+            **configs,
+        )
     try:
         yield client
     finally:
@@ -106,7 +111,7 @@ def ensure_topics(
     wanted = list(dict.fromkeys(topics))
     if not wanted:
         return []
-    with admin_client(cfg.bootstrap_servers, timeout_s=timeout_s) as admin:
+    with admin_client(cfg.bootstrap_servers, timeout_s=timeout_s, cfg=cfg) as admin:
         existing = {t["name"]: t for t in admin.describe_topics(wanted) if t.get("error_code", 0) == 0}
         for name, info in existing.items():
             have = len(info.get("partitions") or [])
@@ -140,7 +145,7 @@ def delete_topics(cfg: OnrampConfig, topics: list[str], *, timeout_s: float = 30
     if not wanted:
         return []
     deleted: list[str] = []
-    with admin_client(cfg.bootstrap_servers, timeout_s=timeout_s) as admin:
+    with admin_client(cfg.bootstrap_servers, timeout_s=timeout_s, cfg=cfg) as admin:
         result = admin.delete_topics(wanted, timeout_ms=int(timeout_s * 1000), raise_errors=False)
         for topic in result.get("topics", []):
             err = kafka_errors.for_code(topic.get("error_code", 0))

@@ -1,7 +1,8 @@
 """Kafka clients at the edges: send events at a steady rate, read decisions and dead letters back.
 
-kafka-python is used (pure Python, no native client to install). Client security settings (SASL/SSL) come from
-the config's ``extra`` entries named ``kafka.<client option>`` in Java-client spelling, translated here.
+kafka-python is used (pure Python, no native client to install). Transport security (SASL/SSL) comes from the
+config's kafka_security_protocol / kafka_ssl_* / kafka_sasl_* settings (jobs/kafka_security.py); the config's
+``extra`` entries named ``kafka.<client option>`` in Java-client spelling are translated here and win.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from jobs.config import OnrampConfig
+from jobs.kafka_security import explain_connection_errors, python_client_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,6 @@ _CLIENT_OPTION_NAMES = {
     "security.protocol": "security_protocol",
     "sasl.mechanism": "sasl_mechanism",
     "sasl.username": "sasl_plain_username",
-    "sasl.password": "sasl_plain_password",
     "ssl.truststore.pem": "ssl_cafile",
     "ssl.cafile": "ssl_cafile",
     "ssl.certfile": "ssl_certfile",
@@ -31,7 +32,7 @@ _CLIENT_OPTION_NAMES = {
 
 
 def client_options(cfg: OnrampConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {"bootstrap_servers": cfg.bootstrap_servers.split(",")}
+    options: dict[str, Any] = {"bootstrap_servers": cfg.bootstrap_servers.split(","), **python_client_kwargs(cfg)}
     for key, value in cfg.extra.items():
         if key.startswith("kafka.") and key[len("kafka."):] in _CLIENT_OPTION_NAMES:
             options[_CLIENT_OPTION_NAMES[key[len("kafka."):]]] = value
@@ -40,7 +41,8 @@ def client_options(cfg: OnrampConfig) -> dict[str, Any]:
 
 def make_producer(cfg: OnrampConfig, **overrides: Any) -> KafkaProducer:
     options = {"acks": "all", "linger_ms": 1, "batch_size": 64 * 1024, **client_options(cfg), **overrides}
-    return KafkaProducer(**options)
+    with explain_connection_errors(cfg):
+        return KafkaProducer(**options)
 
 
 @dataclass
@@ -90,7 +92,8 @@ def produce(
 def make_reader(cfg: OnrampConfig, **options: Any) -> KafkaConsumer:
     """A consumer that reads committed records without a group commit (Onramp's tools read, they never own a
     group): the config's client options (SASL/SSL...) plus ``options``."""
-    return KafkaConsumer(**client_options(cfg), enable_auto_commit=False, isolation_level="read_committed", **options)
+    with explain_connection_errors(cfg):
+        return KafkaConsumer(**client_options(cfg), enable_auto_commit=False, isolation_level="read_committed", **options)
 
 
 def end_offsets(cfg: OnrampConfig, topic: str) -> dict[int, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -209,8 +210,12 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
 
 
 def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:
-    """Extra client settings (e.g. SASL/SSL) from ``cfg.extra`` keys prefixed ``kafka.``."""
-    return {k[len("kafka."):]: v for k, v in cfg.extra.items() if k.startswith("kafka.")}
+    """Client settings of the Kafka source and sinks: transport security (jobs/kafka_security.py), then the
+    ``cfg.extra`` pass-through keys prefixed ``kafka.``."""
+    from jobs.kafka_security import java_client_properties
+
+    extra = {k[len("kafka."):]: v for k, v in cfg.extra.items() if k.startswith("kafka.")}
+    return {**java_client_properties(cfg), **extra}
 
 
 def _sql_string(value: str) -> str:
@@ -333,8 +338,11 @@ def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounde
 
 
 def config_from_json(text: str) -> OnrampConfig:
+    """The config ``onramp submit`` passed; secrets (never on the command line) come from the environment."""
+    from jobs.config import secrets_from_environ
+
     data: dict[str, Any] = json.loads(text)
-    return load_config(overrides=data, environ={})
+    return load_config(overrides=data, environ=secrets_from_environ(os.environ))
 
 
 def main(argv: list[str] | None = None) -> None:
