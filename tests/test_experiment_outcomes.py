@@ -306,7 +306,7 @@ def test_jsonl_round_trip(tmp_path):
     path.write_text(path.read_text() + "\n{\"user_id\": 1}\n")
     with pytest.raises(OutcomeFileError, match=r"outcomes.jsonl:4:"):
         read_outcomes_jsonl(path)
-    with pytest.raises(OutcomeFileError, match="does not exist"):
+    with pytest.raises(OutcomeFileError, match="missing.jsonl"):
         read_outcomes_jsonl(tmp_path / "missing.jsonl")
 
 
@@ -337,7 +337,7 @@ def test_outcomes_from_avro_files(tmp_path):
     write_avro_file(tmp_path / "events" / "part-1.avro", events[10:] + [dict(events[0], user_id="")])
     write_decision_file(tmp_path / "decisions.avro", decisions + [broken])
     read, skipped = read_decision_files(tmp_path / "decisions.avro")
-    assert read == decisions and skipped == {"missing_user_id": 1}
+    assert read == [{"anonymous_id": None, **d} for d in decisions] and skipped == {"missing_user_id": 1}
 
     rows = outcomes_from_avro(tmp_path / "events", [tmp_path / "decisions.avro"], now_ms=T0 + 86_400_000)
     assert rows == fold(events, decisions)

@@ -62,7 +62,7 @@ def test_directory_of_files_in_name_order(tmp_path, history):
 def test_invalid_records_are_counted_by_code(tmp_path, history):
     now = history[-1]["event_time"] + HOUR_MS
     bad = [
-        {**history[0], "user_id": ""},
+        {**history[0], "user_id": "", "anonymous_id": None},
         {**history[1], "user_id": "  "},
         {**history[2], "event_id": ""},
         {**history[3], "event_type": "unknown"},
@@ -144,7 +144,7 @@ def test_kafka_time_range(live_services):
     # Invalid records: two inside the window (counted), one before and one after it (outside: not looked at).
     records += [
         (from_ms - 1, b"bad", b"\x00garbage"),
-        (from_ms, b"bad", codec.encode({**inside[0], "user_id": ""})),
+        (from_ms, b"bad", codec.encode({**inside[0], "user_id": "", "anonymous_id": None})),
         (to_ms - 1, b"bad", b"\x00garbage"),
         (to_ms, b"bad", b"\x00garbage"),
     ]

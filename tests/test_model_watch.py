@@ -17,7 +17,7 @@ from udfs.model_watch import BundleWatcher
 from udfs.personalizer import Personalizer
 
 from tests.conftest import make_event
-from tests.test_personalize_function import _function
+from tests.test_personalize_function import FakeContext, _function
 
 HALF_LIFE_HOURS = 72.0
 
@@ -97,7 +97,7 @@ def test_keyed_function_switches_between_two_events(registry_copy, monkeypatch):
         event = make_event("page_view", user_id="u-1", t=1_000_000)
         event["event_id"] = f"e-{i}"
         event["consent"] = {"personalization": True, "analytics": True, "marketing": False}
-        out = list(fn.process_element(Row(codec.encode(event), "events", 0, i), None))
+        out = list(fn.process_element(Row(codec.encode(event), "events", 0, i), FakeContext()))
         assert len(out) == 1 and isinstance(out[0], bytes)
         return decisions.decode(out[0])
 

@@ -12,6 +12,7 @@ from pyflink.common import Row
 
 from udfs.avro_codec import audit_codec, dead_letter_codec, decision_codec, event_codec
 from udfs.flink_functions import DEAD_LETTERS, Personalize
+from udfs.experiments import parse_experiments
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
 from udfs.rules_watch import RulesWatcher
@@ -94,6 +95,8 @@ def _function(scorer=None, policy=None, audit: bool = False) -> Personalize:
     fn.watcher = BundleWatcher(Path("."), 0, scorer.version if scorer else None)  # hot reload off
     fn.rules_watcher = RulesWatcher(Path("."), 0, None, compile_rules_text)
     fn.rules_reloads, fn.rules_refusals = FakeCounter(), FakeCounter()
+    fn.experiments_watcher = RulesWatcher(Path("."), 0, None, parse_experiments, label="experiments")
+    fn.experiments_reloads, fn.experiments_refusals = FakeCounter(), FakeCounter()
     return fn
 
 
