@@ -285,7 +285,8 @@ def test_compose_file_is_valid():
         deploy = service.get("deploy") or {}
         if isinstance(deploy.get("replicas"), str):
             deploy["replicas"] = int(deploy["replicas"])
-    validator = jsonschema.Draft7Validator(_compose_schema())
+    schema = _compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)  # the draft the schema names (2020-12)
     validator.validate(model)
     model["services"]["submit"]["restart_policy"] = "no"  # not a Compose key: the schema must say so
     assert not validator.is_valid(model)
