@@ -7,7 +7,8 @@
     onramp produce            send generated onboarding events to the input topic at a given rate
     onramp consume            print decisions (or --dead-letters) as JSON lines
     onramp demo               all of the above in one go, with a readable summary
-    onramp status / down      what runs / stop what `up` started
+    onramp status             the job: state, uptime, checkpoints, restarts, throughput, lag, versions
+    onramp down               stop what `up` started
     onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (JSON)
 
 Every command reads one typed config (jobs/config.py): defaults, then ONRAMP_* environment variables, then the
