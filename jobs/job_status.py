@@ -279,16 +279,35 @@ def committed_offsets(cfg: OnrampConfig, topic: str, group_id: str) -> dict[int,
 
     admin = KafkaAdminClient(**client_options(cfg), client_id="onramp-status", request_timeout_ms=10_000)
     try:
-        answer = admin.list_consumer_group_offsets(group_id)
+        answer = admin.list_group_offsets({group_id: None}).get(group_id, {})
     finally:
         admin.close()
     return {tp.partition: meta.offset for tp, meta in answer.items() if tp.topic == topic}
 
 
-def input_lag(cfg: OnrampConfig) -> list[PartitionLag]:
+def input_lag(cfg: OnrampConfig, problems: list[str]) -> list[PartitionLag] | None:
+    """Lag per input partition; None (with the reason appended to ``problems``) when Kafka cannot say."""
+    from jobs.kafka_admin import reachable
     from jobs.kafka_io import end_offsets
 
-    return partition_lag(end_offsets(cfg, cfg.input_topic), committed_offsets(cfg, cfg.input_topic, cfg.group_id))
+    if not reachable(cfg.bootstrap_servers, timeout_s=2.0):
+        problems.append(f"Kafka at {cfg.bootstrap_servers} not reachable for lag (no broker accepts connections)")
+        return None
+    try:
+        ends = end_offsets(cfg, cfg.input_topic)
+    except Exception as exc:  # kafka-python raises many kinds while a broker is away
+        problems.append(f"Kafka at {cfg.bootstrap_servers} not reachable for lag ({type(exc).__name__}: {exc})")
+        return None
+    try:
+        committed = committed_offsets(cfg, cfg.input_topic, cfg.group_id)
+    except Exception as exc:
+        problems.append(f"committed offsets of group {cfg.group_id} unavailable ({type(exc).__name__}: {exc})")
+        committed = {}
+    lag = partition_lag(ends, committed)
+    if any(p.lag is None for p in lag):
+        problems.append(f"group {cfg.group_id} has no committed offset for some partitions of {cfg.input_topic}: "
+                        "the job commits on completed checkpoints; lag unknown until the first one")
+    return lag
 
 
 def _job_metric(get: RestGet, job_id: str, name: str) -> float | None:
@@ -389,15 +408,7 @@ def collect(cfg: OnrampConfig, *, job_name: str, job_id: str | None = None,
                    for jid in pick_jobs(overview, job_name, job_id)]
     except flink_jobs.FlinkJobError as exc:
         problems.append(str(exc))
-    lag: list[PartitionLag] | None
-    try:
-        lag = input_lag(cfg)
-    except Exception as exc:  # kafka-python raises many kinds while a broker is away
-        problems.append(f"Kafka at {cfg.bootstrap_servers} not reachable for lag ({type(exc).__name__}: {exc})")
-        lag = None
-    if lag and any(p.lag is None for p in lag):
-        problems.append(f"group {cfg.group_id} has no committed offset for some partitions of {cfg.input_topic}: "
-                        "the job commits on completed checkpoints; lag unknown until the first one")
+    lag = input_lag(cfg, problems)
     return StatusReport(
         flink_rest_url=cfg.flink_rest_url, bootstrap_servers=cfg.bootstrap_servers, input_topic=cfg.input_topic,
         group_id=cfg.group_id, jobs=reports, lag=lag, total_lag=total_lag(lag) if lag else None,

@@ -170,6 +170,7 @@ def test_status_of_a_running_job(live_services, capsys):
     finally:
         flink_jobs.cancel(cfg, job_id)
 
+    assert status["problems"] == []
     job = status["jobs"][0]
     assert (job["id"], job["name"], job["state"]) == (job_id, "onramp-personalize", "RUNNING")
     assert job["uptime_s"] > 0 and job["restarts"] == 0
@@ -181,7 +182,19 @@ def test_status_of_a_running_job(live_services, capsys):
     assert status["total_lag"] == 0, status["lag"]
     assert status["versions"]["model"] == current_version(cfg.model_dir)
     assert status["versions"]["rules"]
-    assert status["problems"] == []
     # The terminal view of the same (now cancelled) job still reads.
     assert onramp(["status", *flags[:-1], "--job-id", job_id]) == 0
     assert job_id in capsys.readouterr().out
+
+
+def test_status_with_nothing_reachable_says_so_and_exits_0(tmp_path, capsys):
+    from jobs.cli import main as onramp
+
+    args = ["status", "--json", "--flink-rest-url", "http://127.0.0.1:9", "--bootstrap-servers", "127.0.0.1:9",
+            "--state-dir", str(tmp_path), "--model-dir", str(tmp_path / "models")]
+    assert onramp(args) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["jobs"] == [] and status["lag"] is None and status["total_lag"] is None
+    assert any("Flink REST API" in p for p in status["problems"])
+    assert any("Kafka at 127.0.0.1:9" in p for p in status["problems"])
+    assert status["versions"]["model"] is None and status["services"]["flink"]["running"] is False
