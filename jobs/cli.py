@@ -7,7 +7,8 @@
     onramp produce            send generated onboarding events to the input topic at a given rate
     onramp consume            print decisions (or --dead-letters) as JSON lines
     onramp demo               all of the above in one go, with a readable summary
-    onramp status / down      what runs / stop what `up` started
+    onramp status             the job: state, uptime, checkpoints, restarts, throughput, lag, versions
+    onramp down               stop what `up` started
     onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (JSON)
     onramp experiments ...    lint experiment files, plan sample sizes, report which strategy wins
 
@@ -117,21 +118,17 @@ def cmd_down(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: OnrampConfig, args: argparse.Namespace) -> int:
-    from jobs import flink_jobs, services
+    """Local services (what `up` started), then the job: state, uptime, checkpoints, restarts, throughput, lag
+    per input partition and versions (jobs/job_status.py). Works against any cluster (--flink-rest-url)."""
+    from jobs import job_status, services
+    from jobs.personalize import JOB_NAME
 
-    state = services.status(cfg)
-    if state.get("flink", {}).get("running"):
-        try:
-            state["jobs"] = [
-                {"id": j["jid"], "name": j["name"], "state": j["state"]} for j in flink_jobs.list_jobs(cfg)
-            ]
-        except flink_jobs.FlinkJobError as exc:
-            state["jobs"] = str(exc)
+    report = job_status.collect(cfg, job_name=JOB_NAME, job_id=args.job_id)
+    report.services = services.status(cfg)
     if args.json:
-        print(json.dumps(state, indent=2, default=str))
+        print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
-        for name, info in state.items():
-            print(f"{name:8s} {json.dumps(info, default=str)}")
+        print(job_status.format_status(report))
     return 0
 
 
@@ -684,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kafka-only", action="store_true", help="start only the Kafka broker")
     p.add_argument("--flink-only", action="store_true", help="start only the Flink cluster")
     add("down", cmd_down, "stop the local services that `up` started (and nothing else)")
-    p = add("status", cmd_status, "show local services and Flink jobs")
+    p = add("status", cmd_status, "the job's state, uptime, checkpoints, restarts, throughput, lag and versions")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--job-id", help="report this job (default: the running Onramp job, else its latest run)")
     p = add("train", cmd_train, "train K-means personas + churn model and publish an ONNX bundle",
             description=_train_help())
     p.add_argument("--users", type=int, default=2000, help="generated users to train on (default 2000)")

@@ -42,6 +42,12 @@ def _any_port_open(bootstrap: str, timeout_s: float = 1.0) -> bool:
     return False
 
 
+def reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    """Whether any bootstrap address accepts a TCP connection: a quick "is anything there" before a client that
+    would otherwise retry for its whole bootstrap timeout."""
+    return _any_port_open(bootstrap, timeout_s)
+
+
 @contextlib.contextmanager
 def admin_client(bootstrap: str, *, timeout_s: float = 10.0, cfg: OnrampConfig | None = None,
                  **configs: Any) -> Iterator[KafkaAdminClient]:

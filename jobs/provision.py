@@ -202,20 +202,37 @@ def provision(cfg: OnrampConfig, *, force: bool = False) -> Provisioned:
             shutil.rmtree(jars_dir / sub, ignore_errors=True)
         _run_maven(mvn, jars_dir)
         _check_layout(jars_dir)
-        stamp = {
-            "inputs_sha256": sha,
-            "jars": {sub: [p.name for p in _jars(jars_dir / sub)] for sub in (KAFKA_SUBDIR, FLINK_SUBDIR)},
-            "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        tmp = _stamp_path(cfg).with_suffix(".tmp")
-        tmp.write_text(json.dumps(stamp, indent=2) + "\n")
-        tmp.replace(_stamp_path(cfg))
+        _write_stamp(cfg, jars_dir, sha)
         result = _result(jars_dir, sha, ran_maven=True, started=started)
         log.info(
             "provisioned %d broker jars and %d Flink jar(s) in %.1fs",
             len(result.kafka_jars), len(result.flink_jars), result.seconds,
         )
         return result
+
+
+def _write_stamp(cfg: OnrampConfig, jars_dir: Path, sha: str) -> None:
+    stamp = {
+        "inputs_sha256": sha,
+        "jars": {sub: [p.name for p in _jars(jars_dir / sub)] for sub in (KAFKA_SUBDIR, FLINK_SUBDIR)},
+        "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = _stamp_path(cfg).with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2) + "\n")
+    tmp.replace(_stamp_path(cfg))
+
+
+def adopt(cfg: OnrampConfig) -> Provisioned:
+    """Record jars that ``mvn -f jvm/pom.xml -Donramp.jars.dir=<jars_dir> package`` produced elsewhere (the
+    Docker image's Maven build stage, which has no Python) as provisioned for this jvm/, so commands in the image
+    find them without looking for Maven. Raises ProvisionError when a required jar is missing."""
+    started = time.monotonic()
+    jars_dir = Path(cfg.jars_dir).resolve()
+    sha = jvm_inputs_sha256()
+    with _lock(jars_dir):
+        _check_layout(jars_dir)
+        _write_stamp(cfg, jars_dir, sha)
+    return _result(jars_dir, sha, ran_maven=False, started=started)
 
 
 def _result(jars_dir: Path, sha: str, *, ran_maven: bool, started: float) -> Provisioned:
@@ -266,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.provision", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="run Maven even when the stamp says up to date")
     parser.add_argument("--jars-dir", type=Path, default=None, help="override ONRAMP_JARS_DIR")
+    parser.add_argument("--adopt", action="store_true",
+                        help="record jars Maven already built into the jars dir (Docker build stage) as provisioned")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = provision(load_config({"jars_dir": args.jars_dir}), force=args.force)
+        cfg = load_config({"jars_dir": args.jars_dir})
+        result = adopt(cfg) if args.adopt else provision(cfg, force=args.force)
     except ProvisionError as exc:
         log.error("%s", exc)
         return 1

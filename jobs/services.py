@@ -321,19 +321,13 @@ def _secure_listener_settings(cfg: OnrampConfig, certs: LocalCertificates) -> di
     return settings
 
 
-def _server_properties(cfg: OnrampConfig, p: _Paths, certs: LocalCertificates | None = None) -> str:
-    settings = {
-        "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.bootstrap.servers": f"127.0.0.1:{cfg.kafka_controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.kafka_controller_port}",
-        "advertised.listeners": (
-            f"PLAINTEXT://localhost:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.kafka_controller_port}"
-        ),
-        "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        "log.dirs": str(p.kafka_data),
+def kafka_broker_settings(cfg: OnrampConfig) -> dict[str, str]:
+    """Broker settings that do not depend on where the broker runs (listeners, ports and paths do).
+
+    One source of truth for the local broker (server.properties below) and the containerised one
+    (docker/compose.yaml's KAFKA_* variables; tests/test_deploy_manifests.py checks they agree).
+    """
+    return {
         "num.partitions": str(cfg.topic_partitions),
         "default.replication.factor": "1",
         "min.insync.replicas": "1",
@@ -351,6 +345,23 @@ def _server_properties(cfg: OnrampConfig, p: _Paths, certs: LocalCertificates | 
         "log.retention.hours": "168",
         "num.network.threads": "2",
         "num.io.threads": "2",
+    }
+
+
+def _server_properties(cfg: OnrampConfig, p: _Paths, certs: LocalCertificates | None = None) -> str:
+    settings = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": f"127.0.0.1:{cfg.kafka_controller_port}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.kafka_controller_port}",
+        "advertised.listeners": (
+            f"PLAINTEXT://localhost:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.kafka_controller_port}"
+        ),
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(p.kafka_data),
+        **kafka_broker_settings(cfg),
     }
     if certs is not None:
         settings.update(_secure_listener_settings(cfg, certs))
@@ -529,12 +540,30 @@ def flink_env(cfg: OnrampConfig) -> dict[str, str]:
     except ServiceError:
         pass  # the scripts will say so; up() checks java before it gets here
     _write_flink_lib(p)  # FLINK_LIB_DIR must exist even before the first `up` (e.g. `flink --version`)
+    if not (p.flink_conf_dir / "config.yaml").is_file():
+        # `flink run` against a cluster this machine did not start (--flink-rest-url, the compose `submit`
+        # container) still reads FLINK_CONF_DIR; `up` rewrites it with the real ports before starting.
+        _write_flink_conf(cfg, p, int(cfg.extra.get("flink_rpc_port", 0)) or 6123)
     return env
 
 
-def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]:
-    """The wheel's config.yaml, flattened, with our settings on top (flat keys are valid Flink 2.x YAML)."""
-    base = yaml.safe_load((pyflink_home() / "conf" / "config.yaml").read_text()) or {}
+def flink_cluster_settings(cfg: OnrampConfig) -> dict[str, Any]:
+    """Cluster settings Onramp relies on wherever the cluster runs: the local one below, the Docker image
+    (docker/Dockerfile bakes them into conf/config.yaml through jobs/deploy_config.py) and the Kubernetes
+    FlinkDeployment (tests/test_deploy_manifests.py checks its flinkConfiguration carries the same values).
+    Addresses, ports, paths and the memory of each process depend on the host and stay out of this."""
+    return {
+        "taskmanager.memory.managed.size": "256m",
+        "taskmanager.numberOfTaskSlots": 2,
+        "parallelism.default": cfg.parallelism,
+        "python.execution-mode": cfg.execution_mode,
+        "python.fn-execution.bundle.size": cfg.bundle_size,
+        "python.fn-execution.bundle.time": cfg.bundle_time_ms,
+    }
+
+
+def flatten_flink_yaml(text: str) -> dict[str, Any]:
+    """A Flink config.yaml (nested or flat keys) as one flat ``{"a.b.c": value}`` dict."""
     flat: dict[str, Any] = {}
 
     def flatten(prefix: str, node: Any) -> None:
@@ -544,8 +573,15 @@ def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]
         else:
             flat[prefix] = node
 
-    flatten("", base)
+    flatten("", yaml.safe_load(text) or {})
+    return flat
+
+
+def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]:
+    """The wheel's config.yaml, flattened, with our settings on top (flat keys are valid Flink 2.x YAML)."""
+    flat = flatten_flink_yaml((pyflink_home() / "conf" / "config.yaml").read_text())
     state = Path(cfg.state_dir).resolve()
+    flat.update(flink_cluster_settings(cfg))
     flat.update({
         # env.java.opts.all (the Java 17 --add-opens/--add-exports) is kept from the wheel's config.
         "jobmanager.rpc.address": "localhost",
@@ -555,20 +591,14 @@ def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]
         "taskmanager.host": "localhost",
         "taskmanager.bind-host": "localhost",
         "taskmanager.memory.process.size": "2048m",
-        "taskmanager.memory.managed.size": "256m",
-        "taskmanager.numberOfTaskSlots": 2,
-        "parallelism.default": cfg.parallelism,
         "rest.address": "localhost",
         "rest.bind-address": "localhost",
         "rest.port": cfg.flink_rest_port,
-        "python.execution-mode": cfg.execution_mode,
         "python.executable": sys.executable,
         "python.client.executable": sys.executable,
         # Thread mode embeds CPython in the TaskManager (pemja); that interpreter starts from the base
         # installation, not the venv, so it must be told where the venv's packages (pemja, pyflink...) are.
         "python.pythonpath": os.pathsep.join(_site_packages()),
-        "python.fn-execution.bundle.size": cfg.bundle_size,
-        "python.fn-execution.bundle.time": cfg.bundle_time_ms,
         "execution.checkpointing.dir": (state / "flink-checkpoints").as_uri(),
         "execution.checkpointing.savepoint-dir": (state / "flink-savepoints").as_uri(),
     })
