@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from jobs.config import OnrampConfig
@@ -20,6 +21,36 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+DEMO_EXPERIMENT = "personalization-vs-control"
+
+
+def _experiment_report(cfg: OnrampConfig) -> str | None:
+    """The two-arm experiment of the shipped experiments file, analysed end to end: outcomes folded from the
+    job's input and decisions topics (the batch path), then the report's HTML and PNG. A few hundred demo users
+    make an underpowered test; the report says so."""
+    from jobs.config import NO_EXPERIMENTS
+    from jobs.experiments_cli import topic_outcomes
+    from udfs.experiments import load_experiments
+
+    if cfg.experiments_file == NO_EXPERIMENTS:
+        return None
+    experiments = load_experiments(cfg.experiments_file)
+    if DEMO_EXPERIMENT not in experiments.experiments:
+        return None
+    from experiments.analysis import analyze
+    from experiments.report import format_report, write_html, write_png
+
+    experiment = experiments.experiment(DEMO_EXPERIMENT)
+    rows = [r for r in topic_outcomes(cfg, days=1.0) if r.experiment_id == DEMO_EXPERIMENT]
+    report = analyze(rows, experiment)
+    reports = cfg.state_dir / "reports"
+    html = write_html(report, reports / f"{DEMO_EXPERIMENT}.html")
+    write_png(report, reports / f"{DEMO_EXPERIMENT}.png")
+    print()
+    print(format_report(report))
+    return str(Path(html).resolve())
 
 
 def run_demo(cfg: OnrampConfig, *, users: int, rate: float, malformed: int) -> int:
@@ -94,6 +125,10 @@ def run_demo(cfg: OnrampConfig, *, users: int, rate: float, malformed: int) -> i
     if decisions:
         print()
         print(f"model bundle {decisions[-1]['model_version']}, rules {decisions[-1]['rules_version']}")
+    report_path = _experiment_report(cfg)
+    if report_path:
+        print()
+        print(f"Experiment report (personalized vs control, from the topics): {report_path}")
     print()
     print(f"Still running: Flink UI {cfg.flink_rest_url} · `onramp consume` to read decisions · `onramp down` to stop.")
     ok = len(decisions) == report.sent and len(dead) == malformed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +91,12 @@ def _outcomes_for(cfg: OnrampConfig, args: argparse.Namespace, experiment: Any) 
         from experiments.records import read_outcomes_jsonl
 
         return read_outcomes_jsonl(args.outcomes)
+    if args.from_outcomes_topic:
+        from experiments.outcome_history import outcomes_from_outcomes_topic
+
+        return [r for r in outcomes_from_outcomes_topic(cfg) if r.experiment_id == experiment.id]
+    if args.from_topics:
+        return [r for r in topic_outcomes(cfg, args.days) if r.experiment_id == experiment.id]
     from experiments.simulate import SimulationSpec, simulate_outcomes
 
     effects = _parse_effects(args.effect)
@@ -103,6 +110,35 @@ def _outcomes_for(cfg: OnrampConfig, args: argparse.Namespace, experiment: Any) 
     log.info("simulating %d users of %s (seed %d, completion effects %s)", args.simulate, experiment.id, args.seed,
              effects or "none")
     return simulate_outcomes(experiment, args.simulate, args.seed, spec)
+
+
+def topic_outcomes(cfg: OnrampConfig, days: float) -> list[Any]:
+    """Outcome rows folded from the job's own input and decisions topics over the last ``days`` days, with users
+    named by the pseudonym the job keys them by (the same ids the streaming outcomes job writes)."""
+    from experiments.outcome_history import outcomes_from_topics
+    from models.history import window_for
+    from udfs.pseudonym import load_key
+
+    from_ms, to_ms = window_for(days, int(time.time() * 1000))
+    key = load_key(cfg.pseudonym_key_file)
+    return outcomes_from_topics(cfg, cfg.input_topic, cfg.decisions_topic, from_ms, to_ms, user_key=key.user)
+
+
+def cmd_experiments_outcomes(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    """Start the streaming outcomes job, or write the batch path's rows to a JSON lines file."""
+    if args.submit:
+        from jobs.experiment_outcomes import submit_outcomes_job
+
+        job_id = submit_outcomes_job(cfg)
+        log.info("outcomes job %s running: rows go to %s; report with `onramp experiments report ID "
+                 "--from-outcomes-topic`", job_id, cfg.experiment_outcomes_topic)
+        return 0
+    from experiments.records import write_outcomes_jsonl
+
+    rows = topic_outcomes(cfg, args.days)
+    count = write_outcomes_jsonl(args.out, rows)
+    log.info("wrote %d outcome rows to %s", count, args.out)
+    return 0
 
 
 def cmd_experiments_report(cfg: OnrampConfig, args: argparse.Namespace) -> int:
@@ -135,6 +171,9 @@ _EXPERIMENTS_HELP = """experiments: who gets which strategy, and which one wins 
                                                 users per arm to detect an absolute change of completion
   onramp experiments report ID --outcomes F.jsonl   per-arm metrics, tests, SRM, Bayesian, CUPED, always-valid
   onramp experiments report ID --simulate 20000     intervals; writes an HTML report and a PNG chart
+  onramp experiments report ID --from-topics        outcomes folded from the job's topics (or
+  onramp experiments report ID --from-outcomes-topic  the streaming outcomes job's rows)
+  onramp experiments outcomes --submit | --out F.jsonl   streaming outcomes job, or a batch export
                                                 (--simulate: simulated users, --effect ARM=0.03 adds a true effect)
 
 The job assigns users by the configured experiments_file and re-reads it every experiments_reload_interval_ms;
@@ -162,6 +201,13 @@ def add_experiments_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0, help="simulation seed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = add("outcomes", cmd_experiments_outcomes, "per-user outcomes: start the streaming job, or export the batch "
+            "path's rows", under=actions)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--submit", action="store_true", help="submit the streaming outcomes job to the Flink cluster")
+    mode.add_argument("--out", metavar="FILE.jsonl", help="fold the topics of the last --days days into this file")
+    p.add_argument("--days", type=float, default=30.0, help="with --out: the window, in days (default 30)")
+
     p = add("report", cmd_experiments_report, "analyze an experiment: terminal table, HTML report, PNG chart",
             under=actions)
     p.add_argument("experiment_id", metavar="ID", help="experiment id from the experiments file")
@@ -169,6 +215,11 @@ def add_experiments_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--outcomes", metavar="FILE.jsonl", help="per-user outcome rows (UserOutcome) as JSON lines")
     source.add_argument("--simulate", type=int, metavar="N", help="simulate N users (experiments/simulate.py)")
+    source.add_argument("--from-topics", action="store_true",
+                        help="fold the input and decisions topics of the last --days days (batch path)")
+    source.add_argument("--from-outcomes-topic", action="store_true",
+                        help="the rows the streaming outcomes job keeps (`onramp experiments outcomes --submit`)")
+    p.add_argument("--days", type=float, default=30.0, help="with --from-topics: the window, in days (default 30)")
     p.add_argument("--effect", action="append", default=[], metavar="ARM=CHANGE",
                    help="with --simulate: true absolute change of completion for an arm (repeatable)")
     p.add_argument("--baseline-rate", type=float, help="with --simulate: completion rate without effect (default 0.67)")

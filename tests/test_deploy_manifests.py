@@ -8,6 +8,8 @@
   API jar on Maven Central (docker/kubernetes/pom.xml), with unknown fields rejected as `kubectl --validate=strict`
   would.
 - Broker and Flink settings, versions and paths: the same values as jobs/services.py, jvm/pom.xml, pyproject.toml.
+- The pseudonymization key reaches every TaskManager (compose: a required variable; Kubernetes: a Secret) and is in
+  no committed file; every topic the job reads or writes (OnrampConfig.job_topics()) is a Strimzi KafkaTopic.
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ import pytest
 import yaml
 
 from jobs import services
-from jobs.config import REPO_ROOT, load_config
+from jobs.config import REPO_ROOT, OnrampConfig, load_config
 from jobs.deploy_config import image_flink_settings, render_flink_conf
+from udfs.pseudonym import KEY_ENV, PseudonymKeyError, key_from_text
 
 DOCKER = REPO_ROOT / "docker"
 K8S = DOCKER / "kubernetes"
 CACHE = REPO_ROOT / ".cache"
 IMAGE_ROOT = "/opt/onramp"  # where the Dockerfile puts the checkout
 COMPOSE_GO = "github.com/compose-spec/compose-go/v2"
+# What a compose user exports as ONRAMP_PSEUDONYM_KEY (compose.yaml requires it); a stand-in, never a real key.
+TEST_KEY = "test-only-pseudonymization-key-0123456789"
 
 # Flink keys whose value depends on where a process runs; every other key a deployment sets must equal the local one.
 HOST_SPECIFIC_FLINK_KEYS = {
@@ -57,8 +62,13 @@ def _dotenv() -> dict[str, str]:
     return out
 
 
+class MissingComposeVariable(KeyError):
+    """A `${VAR:?message}` variable is unset or empty: `docker compose` refuses the file with the message."""
+
+
 def _interpolate(node: Any, env: dict[str, str]) -> Any:
-    """Compose's ${VAR}, ${VAR:-default} and $$ on every string of the model (what `config` does first)."""
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and $$ on every string of the model (what `config` does
+    first)."""
     if isinstance(node, dict):
         return {k: _interpolate(v, env) for k, v in node.items()}
     if isinstance(node, list):
@@ -67,15 +77,20 @@ def _interpolate(node: Any, env: dict[str, str]) -> Any:
         return node
 
     def one(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(3)
-        return env.get(name) or (default if default is not None else "")
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        if operator == ":?" and not env.get(name):
+            raise MissingComposeVariable(f"required variable {name} is missing a value: {argument}")
+        return env.get(name) or (argument if operator == ":-" else "")
 
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", one, node).replace("$$", "$")
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, node).replace("$$", "$")
 
 
-def _compose() -> dict[str, Any]:
+def _compose(user_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """compose.yaml as `config` resolves it: docker/.env, overridden by the user's environment (by default one
+    that exports the required pseudonymization key)."""
     raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    return _interpolate(raw, {**_dotenv(), **{k: v for k, v in os.environ.items() if k in _dotenv()}})
+    user_env = {KEY_ENV: TEST_KEY} if user_env is None else user_env
+    return _interpolate(raw, {**_dotenv(), **{k: v for k, v in os.environ.items() if k in _dotenv()}, **user_env})
 
 
 def _pom_properties(pom: Path) -> dict[str, str]:
@@ -218,7 +233,7 @@ def test_flinkdeployment_config_agrees_with_the_local_cluster():
               if d["kind"] == "KafkaTopic"}
     assert doc["spec"]["job"]["parallelism"] == cfg.parallelism == cfg.topic_partitions
     assert topics[cfg.input_topic]["spec"]["partitions"] == cfg.topic_partitions
-    assert {cfg.input_topic, cfg.decisions_topic, cfg.dead_letter_topic} <= set(topics)
+    assert set(cfg.job_topics()) <= set(topics)
 
 
 def test_flinkdeployment_job_points_into_the_image():
@@ -275,9 +290,16 @@ def _compose_schema() -> dict[str, Any]:
 def test_compose_file_is_valid():
     binary = _compose_binary()
     if binary is not None:
-        out = subprocess.run([str(binary), "-f", str(DOCKER / "compose.yaml"), "config", "-q"], capture_output=True,
-                             text=True, timeout=60, cwd=REPO_ROOT)
+        def config(key: str | None) -> subprocess.CompletedProcess[str]:
+            env = {k: v for k, v in os.environ.items() if k != KEY_ENV} | ({KEY_ENV: key} if key else {})
+            return subprocess.run([str(binary), "-f", str(DOCKER / "compose.yaml"), "config", "-q"],
+                                  capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env)
+
+        out = config(TEST_KEY)
         assert out.returncode == 0, out.stderr
+        refused = config(None)  # the real CLI refuses to run without the key, and says how to make one
+        assert refused.returncode != 0 and f"required variable {KEY_ENV} is missing" in refused.stderr
+        assert "32+ characters" in refused.stderr
         return
     model = _compose()
     model = {k: v for k, v in model.items() if not k.startswith("x-")}  # extension fields are allowed, not typed
@@ -351,3 +373,57 @@ def test_support_manifests_parse():
     support = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "onramp-support.yaml").read_text())}
     claim = _flinkdeployment()["spec"]["podTemplate"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert support[claim]["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in support[claim]["spec"]["accessModes"]
+
+
+# --- the pseudonymization key and the job's topics --------------------------------------------------------------
+
+
+def _strimzi_topics() -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "kafka-strimzi.yaml").read_text())
+            if d["kind"] == "KafkaTopic"}
+
+
+def test_compose_gives_the_pseudonymization_key_to_taskmanagers_and_the_cli():
+    compose_services = _compose()["services"]
+    assert compose_services["taskmanager"]["environment"][KEY_ENV] == TEST_KEY  # Python and Java functions read it
+    assert compose_services["submit"]["environment"][KEY_ENV] == TEST_KEY  # `onramp privacy ...`: same pseudonyms
+    # Required from the user, with no default anywhere: compose refuses to start rather than run without a key.
+    with pytest.raises(MissingComposeVariable, match=r"32\+ characters"):
+        _compose(user_env={})
+    raw = (DOCKER / "compose.yaml").read_text()
+    assert re.search(r"\$\{ONRAMP_PSEUDONYM_KEY:\?[^}]+\}", raw) and "ONRAMP_PSEUDONYM_KEY:-" not in raw
+    # Never in a committed file or the image.
+    assert KEY_ENV not in _dotenv()
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert KEY_ENV not in dockerfile and "pseudonym" not in dockerfile.lower() and "COPY .onramp" not in dockerfile
+
+
+def test_flinkdeployment_gives_the_pseudonymization_key_from_a_secret():
+    doc = _flinkdeployment()
+    env = {e["name"]: e for e in doc["spec"]["podTemplate"]["spec"]["containers"][0]["env"]}
+    assert env[KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "onramp-pseudonym-key", "key": "key"}
+    assert "value" not in env[KEY_ENV]
+    # A per-role pod template would be merged by array position and could replace this env list.
+    assert "podTemplate" not in doc["spec"]["taskManager"] and "podTemplate" not in doc["spec"]["jobManager"]
+    assert "pseudonym" not in " ".join(doc["spec"]["job"]["args"]).lower()  # the job graph carries no key
+    support = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "onramp-support.yaml").read_text())}
+    secret = support["onramp-pseudonym-key"]
+    assert secret["kind"] == "Secret" and set(secret["stringData"]) == {"key"}
+    with pytest.raises(PseudonymKeyError):  # the template's placeholder is no usable key: the job fails, not runs
+        key_from_text(secret["stringData"]["key"], "onramp-support.yaml")
+
+
+def test_strimzi_has_every_topic_the_job_uses():
+    topics = _strimzi_topics()
+    for cfg in (OnrampConfig(), _k8s_onramp_config()):
+        missing = set(cfg.job_topics()) - set(topics)
+        assert not missing, f"kafka-strimzi.yaml has no KafkaTopic for {sorted(missing)} (auto-create is off there)"
+    cfg = _k8s_onramp_config()
+    config = {name: topics[name]["spec"].get("config", {}) for name in cfg.job_topics()}
+    # Control messages are events (state checks, identity resolution), not latest-state: never compacted.
+    assert "compact" not in str(config[cfg.control_topic].get("cleanup.policy", "delete"))
+    # It is keyed by destination and read with the input topic: the same partitioning.
+    assert topics[cfg.control_topic]["spec"]["partitions"] == cfg.topic_partitions
+    # Audit records outlive the events they are about.
+    assert int(config[cfg.audit_topic]["retention.ms"]) > int(config[cfg.input_topic]["retention.ms"])
+    assert "compact" not in str(config[cfg.audit_topic].get("cleanup.policy", "delete"))

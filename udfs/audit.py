@@ -24,11 +24,12 @@ CONTEXT = "context"
 MODEL_SCORES = "model_scores"
 
 
-def input_categories(profile: Profile, personalized: bool) -> list[str]:
+def input_categories(profile: Profile, used_profile: bool) -> list[str]:
     """The categories of data a decision on ``profile`` used: the default flow reads onboarding progress only;
-    a personalized decision reads the behavioural profile, the allow-listed demographic/context fields it
-    holds, and the model's scores of them."""
-    if not personalized:
+    a personalized decision, or one whose user the model scored (an experiment's control arm is scored, for the
+    analysis, and then shown the default flow), read the behavioural profile, the allow-listed demographic/context
+    fields it holds, and the model's scores of them."""
+    if not used_profile:
         return [PROGRESS]
     used = [PROGRESS, BEHAVIOUR]
     if profile.demographic:
@@ -78,7 +79,8 @@ def decision_audit(decision: dict[str, Any], event_type: str, profile: Profile, 
         DECISION, f"{DECISION}:{decision['decision_id']}", subject, key_id, decision["model_version"],
         decision["rules_version"], decision["decided_at"],
         decision_id=decision["decision_id"], event_type=event_type, event_time=decision["event_time"],
-        input_categories=input_categories(profile, decision["personalized"]), consent=_consent(profile),
+        input_categories=input_categories(profile, decision["personalized"] or decision["segment_id"] >= 0),
+        consent=_consent(profile),
         personalized=decision["personalized"], step_id=decision["step_id"], reasons=list(decision["reasons"]),
     )
 
