@@ -61,10 +61,31 @@ class FakeMetrics:
     def __init__(self) -> None:
         self.counters: dict[str, FakeCounter] = {}
         self.created: dict[str, int] = {}
+        self.groups: dict[tuple[str, str | None], FakeMetrics] = {}
+        self.gauges: dict[str, object] = {}
 
     def counter(self, name: str) -> FakeCounter:
         self.created[name] = self.created.get(name, 0) + 1
         return self.counters.setdefault(name, FakeCounter())
+
+    def add_group(self, name: str, extra: str | None = None) -> "FakeMetrics":
+        group = FakeMetrics()
+        self.groups[(name, extra)] = group
+        return group
+
+    def gauge(self, name: str, fn) -> None:
+        self.gauges[name] = fn
+
+    def distribution(self, name: str) -> "FakeDistribution":
+        return FakeDistribution()
+
+
+class FakeDistribution:
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def update(self, value: int) -> None:
+        self.values.append(value)
 
 
 class ExplodingScorer:
@@ -82,6 +103,8 @@ def _function(scorer=None, policy=None, audit: bool = False) -> Personalize:
     fn.audit_encode = audit_codec().encode
     fn.identity_state = FakeState()
     fn.identity_messages = FakeCounter()
+    fn.latency = FakeDistribution()
+    fn.versions_seen = set()
     fn.personalizer = Personalizer(scorer, 3_600_000.0, None, fn.profile_policy)
     fn.profile_state = FakeState()
     fn.metrics = FakeMetrics()
@@ -160,3 +183,13 @@ def test_erasure_clears_the_profile():
     (out,) = _run(fn, event_codec().encode(make_event("erasure_requested")))
     assert fn.profile_state.data is None
     assert decision_codec().decode(out)["content_variant"] == "erased"
+
+
+def test_metrics_name_the_versions_in_use_and_time_each_decision():
+    fn = _function()
+    fn._version_gauges()
+    gauges = {key: group.gauges["in_use"]() for key, group in fn.metrics.groups.items()}
+    assert gauges == {("model_version", "none"): 1, ("rules_version", fn.personalizer.rules_version): 1,
+                      ("experiments_version", "none"): 1}
+    _run(fn, event_codec().encode(make_event("signup")))
+    assert len(fn.latency.values) == 1 and fn.latency.values[0] >= 0

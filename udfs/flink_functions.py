@@ -186,11 +186,15 @@ class Personalize(KeyedProcessFunction):
         self.rules_refusals = metrics.counter("rules_reload_refusals")
         self.experiments_reloads = metrics.counter("experiments_reloads")
         self.experiments_refusals = metrics.counter("experiments_reload_refusals")
-        pauses = gc_pauses.install()
-        metrics.gauge("gc_full_collections", pauses.full_collections)
-        metrics.gauge("gc_max_full_pause_ms", lambda: int(pauses.max_full_pause_ms()))
+        # event time -> decision (processing time): what the app waits, give or take client clock skew and the sink
+        self.latency = metrics.distribution("event_to_decision_ms")
+        self.versions_seen: set[tuple[str, str]] = set()
+        self._version_gauges()
         if self.gc_freeze:
             gc_pauses.freeze_startup_heap()  # last: everything open() loaded is long-lived
+        pauses = gc_pauses.install()  # after the freeze's own collection: counts what the job's work causes
+        metrics.gauge("gc_full_collections", pauses.full_collections)
+        metrics.gauge("gc_max_full_pause_ms", lambda: int(pauses.max_full_pause_ms()))
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         if record[1] == self.control_topic and self.control_topic:
@@ -234,15 +238,15 @@ class Personalize(KeyedProcessFunction):
             out = self._apply_identity(identity, outcome)
             if not outcome.fold_locally:
                 return out  # forwarded to the user it merged into, who decides it
-            return out + self._decide(event, subject)
-        out = self._decide(event, subject)
+            return out + self._decide(event, subject, now_ms)
+        out = self._decide(event, subject, now_ms)
         if anonymous_id and out:  # an alias link (and not a duplicate): claim the anonymous profile
             identity = identity_from_state(self.identity_state.value())
             out += self._apply_identity(identity, on_link(identity, subject, self.key.anon(anonymous_id),
                                                           event["event_id"], now_ms, self.alias_window_ms))
         return out
 
-    def _decide(self, event: dict[str, Any], subject: str) -> list[Any]:
+    def _decide(self, event: dict[str, Any], subject: str, now_ms: int) -> list[Any]:
         """Fold ``event`` into the key's profile and decide: [decision, (AUDIT, record)], or [] for a duplicate."""
         personalizer = self.personalizer
         profile = profile_from_state(self.profile_state.value())
@@ -257,6 +261,7 @@ class Personalize(KeyedProcessFunction):
             out.append((AUDIT, self.audit_encode(decision_audit(decision, event["event_type"], profile, subject,
                                                                 self.key_id))))
         self.decisions.inc()
+        self.latency.update(now_ms - event["event_time"])
         return out
 
     def _erase(self, event: dict[str, Any], subject: str, now_ms: int) -> list[Any]:
@@ -314,7 +319,7 @@ class Personalize(KeyedProcessFunction):
             profile = profile_from_state(self.profile_state.value())
             outcome = on_forward(identity, profile, message, now_ms, window)
             out = self._apply_identity(identity, outcome)
-            return out + self._decide(outcome.fold, subject) if outcome.fold is not None else out
+            return out + self._decide(outcome.fold, subject, now_ms) if outcome.fold is not None else out
         raise IdentityMessageError(f"unhandled identity message {type(message).__name__}")
 
     def _control(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
@@ -362,6 +367,20 @@ class Personalize(KeyedProcessFunction):
             counter = self.dead_letter_counters[code] = self.metrics.counter(f"dead_letters_{code}")
         counter.inc()
 
+    def _version_gauges(self) -> None:
+        """``model_version.<v>.in_use`` / ``rules_version.<v>.in_use`` / ``experiments_version.<v>.in_use``: 1 for
+        the version deciding now, 0 for one it replaced. Versions are strings, so they travel as metric group
+        variables (labels for the Prometheus reporter), the way Flink exposes such facts."""
+        personalizer = self.personalizer
+        for name, current in (("model_version", lambda: personalizer.model_version),
+                              ("rules_version", lambda: personalizer.rules_version),
+                              ("experiments_version", lambda: personalizer.experiments.version)):
+            version = current()
+            if (name, version) not in self.versions_seen:
+                self.versions_seen.add((name, version))
+                self.metrics.add_group(name, version).gauge(
+                    "in_use", lambda current=current, version=version: int(current() == version))
+
     def _follow(self, watcher: Any, attribute: str, reloads: Any, refusals: Any, now_ms: int) -> None:
         """Swap the personalizer's ``attribute`` (scorer or rules) between two events when ``watcher`` (see
         udfs/model_watch.py, udfs/rules_watch.py) has a new one; count reloads and refusals."""
@@ -370,6 +389,7 @@ class Personalize(KeyedProcessFunction):
         if new is not None:
             setattr(self.personalizer, attribute, new)
             reloads.inc()
+            self._version_gauges()
         if len(watcher.refused) > refused_before:
             refusals.inc()
 
