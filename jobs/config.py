@@ -130,6 +130,10 @@ class OnrampConfig:
     kafka_tls_port: int = 0
     kafka_sasl_ssl_port: int = 0
     flink_rest_port: int = 8081
+    # Prometheus reporter of the local cluster: JobManager and TaskManagers serve /metrics on ports from this one
+    # up (9249-9258); 0 turns it off. The job's own metrics (decisions, dead_letters_<code>, event_to_decision_ms,
+    # model_version...) are there too, as on the Flink REST API.
+    prometheus_port: int = 9249
     service_timeout_s: float = 90.0
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -156,6 +160,8 @@ class OnrampConfig:
                      "dedup_window_ms", "alias_window_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prometheus_port and not 0 < self.prometheus_port < 65527:
+            problems.append(f"prometheus_port must be 0 (off) or a TCP port below 65527, got {self.prometheus_port}")
         for name in ("kafka_port", "kafka_controller_port", "flink_rest_port"):
             if not 0 < getattr(self, name) < 65536:
                 problems.append(f"{name} must be a TCP port (1-65535), got {getattr(self, name)}")

@@ -602,6 +602,11 @@ def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]
         "execution.checkpointing.dir": (state / "flink-checkpoints").as_uri(),
         "execution.checkpointing.savepoint-dir": (state / "flink-savepoints").as_uri(),
     })
+    if cfg.prometheus_port:  # the wheel ships plugins/metrics-prometheus; each process takes a port of the range
+        flat.update({
+            "metrics.reporter.prom.factory.class": "org.apache.flink.metrics.prometheus.PrometheusReporterFactory",
+            "metrics.reporter.prom.port": f"{cfg.prometheus_port}-{cfg.prometheus_port + 9}",
+        })
     for key, value in cfg.extra.items():  # escape hatch: extra={"flink.<key>": value}
         if key.startswith("flink."):
             flat[key[len("flink."):]] = value

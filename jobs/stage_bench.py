@@ -21,7 +21,7 @@ from udfs.profile_state import Profile, fold_event, profile_from_state, profile_
 from udfs.validation import ValidationLimits, decode_event
 
 STAGES = ("decode_validate", "state_io", "profile_update", "features", "inference", "interest", "rule_context",
-          "rules", "decision_record", "encode")
+          "rules", "experiments", "decision_record", "encode", "audit")
 
 
 def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) -> dict[str, float]:
@@ -37,7 +37,14 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
     rules_text, rules_path = resolve_rules(cfg)
     rules = compile_rules_text(rules_text, rules_path) if rules_text else None
     policy = cfg.profile_policy()
-    personalizer = Personalizer(bundle, half_life, rules)
+    from jobs.config import NO_EXPERIMENTS
+    from udfs.audit import decision_audit
+    from udfs.avro_codec import audit_codec
+    from udfs.experiments import EMPTY_SET, load_experiments
+
+    experiments = EMPTY_SET if cfg.experiments_file == NO_EXPERIMENTS else load_experiments(cfg.experiments_file)
+    audit_encode = audit_codec().encode
+    personalizer = Personalizer(bundle, half_life, rules, policy, experiments)
     states: dict[str, bytes] = {}
     totals = dict.fromkeys(STAGES, 0)
     now = time.time_ns() // 1_000_000
@@ -69,15 +76,19 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
         else:
             choice = default_flow(profile)
         t6 = clock()
+        personalizer._experiment_arms(profile, event, scores.segment_id, event["user_id"])
+        t6a = clock()
         record = personalizer._record(event, choice, scores.segment_id, scores.segment_name, scores.churn_risk,
-                                      interest, True, None)
+                                      interest, True, None, profile.experiments)
         t7 = clock()
         out_codec.encode(record)
         t8 = clock()
         states[event["user_id"]] = pickle.dumps(profile_to_state(profile))
         t9 = clock()
+        audit_encode(decision_audit(record, event["event_type"], profile, event["user_id"], "k"))
+        t10 = clock()
         for stage, ns in zip(STAGES, (t1 - t0, (t2 - t1) + (t9 - t8), t3 - t2, t4 - t3, t5 - t4, t5a - t5, t5b - t5a,
-                                      t6 - t5b, t7 - t6, t8 - t7)):
+                                      t6 - t5b, t6a - t6, t7 - t6a, t8 - t7, t10 - t9)):
             totals[stage] += ns
     n = max(1, len(payloads))
     costs = {stage: round(ns / n / 1000, 2) for stage, ns in totals.items()}
