@@ -31,7 +31,6 @@ from experiments.outcomes import (
     fold_outcomes,
     outcome_from_json,
     outcome_key,
-    outcome_to_json,
 )
 from experiments.records import OutcomeFileError, UserOutcome, read_outcomes_jsonl, write_outcomes_jsonl  # noqa: F401 (re-exported)
 from models.history import HistoryError, _millis, expand_paths, read_avro_files, read_kafka_topic

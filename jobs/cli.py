@@ -169,19 +169,6 @@ def cmd_train(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_pseudonym_key(cfg: OnrampConfig) -> None:
-    """The local cluster gets a key file made on first use; for a remote one the key cannot be checked from here
-    (each TaskManager reads its own copy), so say where it must be."""
-    from urllib.parse import urlparse
-
-    from udfs.pseudonym import KEY_ENV, ensure_key_file
-
-    if urlparse(cfg.flink_rest_url).hostname in ("localhost", "127.0.0.1", "::1"):
-        log.info("pseudonymization key %s", ensure_key_file(cfg.pseudonym_key_file).key_id)
-    else:
-        log.info("TaskManagers must have the pseudonymization key at %s or in %s", cfg.pseudonym_key_file, KEY_ENV)
-
-
 def _warn_if_taskmanager_has_older_code(cfg: OnrampConfig) -> None:
     """Thread mode keeps the Python modules a TaskManager imported first; edits made since it started would be
     silently ignored by the job, so say so."""
@@ -209,7 +196,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     from udfs.model_bundle import load_current
 
     provision(cfg)
-    _check_pseudonym_key(cfg)
+    flink_jobs.check_pseudonym_key(cfg)
     _warn_if_taskmanager_has_older_code(cfg)
     bundle = load_current(cfg.model_dir)  # fails here, clearly, rather than inside a TaskManager
     log.info("model bundle %s", bundle.version)

@@ -56,8 +56,9 @@ from jobs.personalize import (  # noqa: E402
     ROUTING_KEY_FUNCTION,
     _sql_string,
     create_env,
-    kafka_properties,
+    kafka_source_options,
     key_by_routing_key,
+    keyed_kafka_sink,
 )
 from udfs.flink_functions import ROUTED_RECORD  # noqa: E402
 from udfs.validation import InvalidEvent, ValidationLimits  # noqa: E402
@@ -189,21 +190,9 @@ def _with(options: dict[str, str]) -> str:
 def kafka_inputs(t_env: StreamTableEnvironment, cfg: OnrampConfig, *, bounded: bool = False) -> DataStream:
     """The events and decisions topics as one stream of :data:`ROUTED_RECORD` rows (see
     :func:`jobs.personalize.kafka_records`, which reads only the events topic with the personalize group)."""
-    options = {
-        "connector": "kafka",
-        "topic": f"{cfg.input_topic};{cfg.decisions_topic}",
-        "properties.bootstrap.servers": cfg.bootstrap_servers,
-        "properties.group.id": outcomes_group_id(cfg),
-        "properties.auto.offset.reset": "earliest",
-        "scan.startup.mode": "group-offsets",
-        "format": "raw",
-    }
-    if cfg.delivery == "exactly-once":
-        options["properties.isolation.level"] = "read_committed"
-    if bounded:
-        options["scan.bounded.mode"] = "latest-offset"
-    for key, value in kafka_properties(cfg).items():
-        options[f"properties.{key}"] = value
+    options = kafka_source_options(cfg, [cfg.input_topic, cfg.decisions_topic], outcomes_group_id(cfg),
+                                   bounded=bounded)
+    options["format"] = "raw"
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE {SOURCE_TABLE} (`value` BYTES, `topic` STRING METADATA VIRTUAL, "
@@ -221,28 +210,8 @@ def kafka_inputs(t_env: StreamTableEnvironment, cfg: OnrampConfig, *, bounded: b
 def sink_outcome_rows(t_env: StreamTableEnvironment, rows: DataStream, cfg: OnrampConfig) -> None:
     """Write ``Row(key, value)`` rows to ``cfg.experiment_outcomes_topic``: the key as the Kafka key, the value
     as the Kafka value, a null value as a tombstone (``raw`` format writes SQL NULL as a null value)."""
-    options = {
-        "connector": "kafka",
-        "topic": cfg.experiment_outcomes_topic,
-        "properties.bootstrap.servers": cfg.bootstrap_servers,
-        "properties.linger.ms": str(cfg.sink_linger_ms),
-        "key.format": "raw",
-        "key.fields": "key",
-        "value.format": "raw",
-        "value.fields-include": "EXCEPT_KEY",
-    }
-    if cfg.delivery == "exactly-once":
-        options["sink.delivery-guarantee"] = "exactly-once"
-        options["sink.transactional-id-prefix"] = f"{outcomes_group_id(cfg)}-rows"
-        options["properties.transaction.timeout.ms"] = str(cfg.transaction_timeout_ms)
-    else:
-        options["sink.delivery-guarantee"] = "at-least-once"
-    for key, value in kafka_properties(cfg).items():
-        options[f"properties.{key}"] = value
-    t_env.execute_sql(f"CREATE TEMPORARY TABLE {SINK_TABLE} (`key` STRING, `value` STRING) WITH ({_with(options)})")
-    statements = t_env.create_statement_set()
-    statements.add_insert(SINK_TABLE, t_env.from_data_stream(rows))
-    statements.attach_as_datastream()
+    keyed_kafka_sink(t_env, cfg, rows, table=SINK_TABLE, topic=cfg.experiment_outcomes_topic,
+                     transactional_id=f"{outcomes_group_id(cfg)}-rows", column_type="STRING")
 
 
 def build_outcomes_job(cfg: OnrampConfig, jars: list[Path] | None = None, bounded: bool = False) -> StreamExecutionEnvironment:
@@ -262,6 +231,7 @@ def submit_outcomes_job(cfg: OnrampConfig, *, replace: bool = True, bounded: boo
     from jobs.provision import flink_job_jars, provision
 
     provision(cfg)
+    flink_jobs.check_pseudonym_key(cfg)  # keyed by the same pseudonyms as the personalize job
     ensure_topics(cfg, [cfg.input_topic, cfg.decisions_topic])
     ensure_topics(cfg, [cfg.experiment_outcomes_topic], configs={"cleanup.policy": "compact"})
     if replace:

@@ -71,6 +71,19 @@ def operator_metrics(cfg: OnrampConfig, job_id: str, names: tuple[str, ...]) -> 
     return found
 
 
+def check_pseudonym_key(cfg: OnrampConfig) -> None:
+    """Before submitting a job keyed by pseudonyms: the local cluster gets a key file made on first use; for a
+    remote one the key cannot be checked from here (each TaskManager reads its own copy), so say where it must be."""
+    from urllib.parse import urlparse
+
+    from udfs.pseudonym import KEY_ENV, ensure_key_file
+
+    if urlparse(cfg.flink_rest_url).hostname in ("localhost", "127.0.0.1", "::1"):
+        log.info("pseudonymization key %s", ensure_key_file(cfg.pseudonym_key_file).key_id)
+    else:
+        log.info("TaskManagers must have the pseudonymization key at %s or in %s", cfg.pseudonym_key_file, KEY_ENV)
+
+
 def running_jobs(cfg: OnrampConfig, name: str) -> list[dict[str, Any]]:
     return [j for j in list_jobs(cfg) if j["name"] == name and j["state"] in ("RUNNING", "CREATED", "RESTARTING", "INITIALIZING")]
 

@@ -222,6 +222,27 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def kafka_source_options(cfg: OnrampConfig, topics: list[str], group_id: str, *, bounded: bool) -> dict[str, str]:
+    """WITH options of a Kafka SQL source over ``topics`` (raw values): the group's committed offsets, earliest for
+    a new group, read_committed in exactly-once mode, bounded at the current end for benchmarks, and the
+    client's security settings. Callers add the format options."""
+    options = {
+        "connector": "kafka",
+        "topic": ";".join(topics),
+        "properties.bootstrap.servers": cfg.bootstrap_servers,
+        "properties.group.id": group_id,
+        "properties.auto.offset.reset": "earliest",
+        "scan.startup.mode": "group-offsets",
+    }
+    if cfg.delivery == "exactly-once":
+        options["properties.isolation.level"] = "read_committed"
+    if bounded:
+        options["scan.bounded.mode"] = "latest-offset"
+    for key, value in kafka_properties(cfg).items():
+        options[f"properties.{key}"] = value
+    return options
+
+
 def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded: bool = False,
                   t_env: StreamTableEnvironment | None = None) -> DataStream:
     """The input topic as a stream of :data:`ROUTED_RECORD` rows: ``Row(routing_key, Row(value, topic,
@@ -234,24 +255,9 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
     before the keyed operator. Same KafkaSource underneath: offsets are committed on checkpoints and the job
     resumes from the group's committed offsets (earliest for a new group).
     """
-    options = {
-        "connector": "kafka",
-        "topic": f"{cfg.input_topic};{cfg.control_topic}",
-        "properties.bootstrap.servers": cfg.bootstrap_servers,
-        "properties.group.id": cfg.group_id,
-        "properties.auto.offset.reset": "earliest",
-        "scan.startup.mode": "group-offsets",
-        "key.format": "raw",
-        "key.fields": "key",
-        "value.format": "raw",
-        "value.fields-include": "EXCEPT_KEY",
-    }
-    if cfg.delivery == "exactly-once":
-        options["properties.isolation.level"] = "read_committed"
-    if bounded:
-        options["scan.bounded.mode"] = "latest-offset"
-    for key, value in kafka_properties(cfg).items():
-        options[f"properties.{key}"] = value
+    options = kafka_source_options(cfg, [cfg.input_topic, cfg.control_topic], cfg.group_id, bounded=bounded)
+    options.update({"key.format": "raw", "key.fields": "key", "value.format": "raw",
+                    "value.fields-include": "EXCEPT_KEY"})
     t_env = t_env or StreamTableEnvironment.create(env)
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
@@ -292,16 +298,16 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
     return builder.build()
 
 
-def control_topic_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, messages: DataStream) -> None:
-    """Write ``Row(key, value)`` messages (identity resolution's, to other keys) to the control topic with
-    ``key`` as the Kafka record key, which routes each back to the key it is for.
+def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: DataStream, *, table: str, topic: str,
+                     transactional_id: str, column_type: str = "BYTES") -> None:
+    """Write ``Row(key, value)`` rows to ``topic`` with ``key`` as the Kafka record key.
 
     A Table sink because the DataStream KafkaSink's Python API serializes the whole element for key and value
     alike; the SQL connector writes one column as key and another as value. Same delivery guarantee as the
-    other sinks: in exactly-once mode a message commits with the checkpoint of the state change that made it."""
+    other sinks: in exactly-once mode a row commits with the checkpoint of the state change that made it."""
     options = {
         "connector": "kafka",
-        "topic": cfg.control_topic,
+        "topic": topic,
         "properties.bootstrap.servers": cfg.bootstrap_servers,
         "properties.linger.ms": str(cfg.sink_linger_ms),
         "key.format": "raw",
@@ -311,17 +317,17 @@ def control_topic_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, message
         "sink.delivery-guarantee": cfg.delivery,
     }
     if cfg.delivery == "exactly-once":
-        options["sink.transactional-id-prefix"] = f"{cfg.group_id}-identity"
+        options["sink.transactional-id-prefix"] = transactional_id
         options["properties.transaction.timeout.ms"] = str(cfg.transaction_timeout_ms)
     for key, value in kafka_properties(cfg).items():
         options[f"properties.{key}"] = value
     t_env.execute_sql(
-        "CREATE TEMPORARY TABLE onramp_control_out (`key` BYTES, `value` BYTES) WITH ("
+        f"CREATE TEMPORARY TABLE {table} (`key` {column_type}, `value` {column_type}) WITH ("
         + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
         + ")"
     )
     statements = t_env.create_statement_set()
-    statements.add_insert("onramp_control_out", t_env.from_data_stream(messages))
+    statements.add_insert(table, t_env.from_data_stream(rows))
     statements.attach_as_datastream()
 
 
@@ -333,7 +339,9 @@ def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounde
     outputs.dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
     if cfg.audit_topic:
         outputs.audit.sink_to(kafka_sink(cfg, cfg.audit_topic, "audit")).uid("audit-sink").name("audit-sink")
-    control_topic_sink(t_env, cfg, outputs.identity)
+    # identity resolution's messages go back through the control topic to the key they name
+    keyed_kafka_sink(t_env, cfg, outputs.identity, table="onramp_control_out", topic=cfg.control_topic,
+                     transactional_id=f"{cfg.group_id}-identity")
     return env
 
 
