@@ -93,3 +93,35 @@ def test_arms_pinning_another_rule_set_are_refused_at_submission(tmp_path):
     path.write_text(TWO_ARMS)
     text, followed = resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
     assert text == TWO_ARMS and followed == str(path.resolve())
+
+
+def test_the_running_function_follows_the_experiments_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pyflink.common import Row
+
+    from udfs import flink_functions
+    from udfs.avro_codec import decision_codec, event_codec
+    from udfs.rules_watch import RulesWatcher
+    from tests.test_personalize_function import FakeContext, _function
+
+    path = tmp_path / "experiments.yaml"
+    path.write_text(TWO_ARMS)
+    fn = _function()
+    fn.experiments_watcher = RulesWatcher(Path(path), 1, None, parse_experiments, label="experiments")
+    from tests.conftest import NOW_MS
+
+    clock = iter(range(NOW_MS, NOW_MS + 10_000, 100))
+    monkeypatch.setattr(flink_functions, "_now_ms", lambda: next(clock))
+    (first,) = fn.process_element(Row(event_codec().encode(_consenting("u-1")), "events", 0, 0), FakeContext("p-1"))
+    assert fn.personalizer.experiments.version == "t-1" and fn.experiments_reloads.count == 1
+    assert set(decision_codec().decode(first)["experiments"]) == {"pvc", "tone"}
+    path.write_text(TWO_ARMS.replace('version: "t-1"', 'version: "t-2"').replace("salt: s2", "salt: s3"))
+    import os
+    os.utime(path, ns=(1, 2))  # a new stamp even within the file system's time resolution
+    list(fn.process_element(Row(event_codec().encode(_consenting("u-2")), "events", 0, 1), FakeContext("p-2")))
+    assert fn.personalizer.experiments.version == "t-2" and fn.experiments_reloads.count == 2
+    path.write_text("version: broken\nlayers: [")
+    os.utime(path, ns=(3, 4))
+    list(fn.process_element(Row(event_codec().encode(_consenting("u-3")), "events", 0, 2), FakeContext("p-3")))
+    assert fn.personalizer.experiments.version == "t-2" and fn.experiments_refusals.count == 1
