@@ -63,10 +63,30 @@ def python_settings(cfg: OnrampConfig) -> dict[str, str]:
     }
 
 
+def reliability_settings(cfg: OnrampConfig) -> dict[str, str]:
+    """Flink settings for checkpoints, state and restarts (docs/operations.md): checkpoints kept on cancel so a
+    new job version can start from one, the state backend, and how the job restarts after a failure."""
+    settings = {
+        "execution.checkpointing.dir": cfg.checkpoint_uri,
+        "execution.checkpointing.savepoint-dir": cfg.savepoint_uri,
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "state.backend.type": cfg.state_backend,
+        "execution.checkpointing.incremental": "true" if cfg.state_backend == "rocksdb" else "false",
+        "restart-strategy.type": cfg.restart_strategy,
+    }
+    if cfg.restart_strategy == "exponential-delay":
+        settings["restart-strategy.exponential-delay.initial-backoff"] = f"{cfg.restart_delay_ms} ms"
+        settings["restart-strategy.exponential-delay.max-backoff"] = f"{cfg.restart_max_delay_ms} ms"
+    elif cfg.restart_strategy == "fixed-delay":
+        settings["restart-strategy.fixed-delay.attempts"] = str(cfg.restart_attempts)
+        settings["restart-strategy.fixed-delay.delay"] = f"{cfg.restart_delay_ms} ms"
+    return settings
+
+
 def create_env(cfg: OnrampConfig, jars: list[Path] | None = None) -> StreamExecutionEnvironment:
     ensure_embedded_python_path()  # before the gateway JVM starts: a local mini-cluster inherits it
     conf = Configuration()
-    for key, value in python_settings(cfg).items():
+    for key, value in {**python_settings(cfg), **reliability_settings(cfg)}.items():
         conf.set_string(key, value)
     for key, value in cfg.extra.items():  # pass-through: flink.<option> -> <option>
         if key.startswith("flink."):
@@ -125,16 +145,15 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_files = read_bundle_files(resolve_bundle(cfg, bundle_path))
     rules_text, rules_path = resolve_rules(cfg)
+    personalize = Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits,
+                              model_dir=str(Path(cfg.model_dir).resolve()),
+                              reload_interval_ms=cfg.model_reload_interval_ms, rules_text=rules_text,
+                              rules_path=rules_path, rules_reload_interval_ms=cfg.rules_reload_interval_ms,
+                              profile_policy=cfg.profile_policy())
+    personalize.state_ttl_ms = cfg.state_ttl_ms  # read in Personalize.open(): TTL of the profile state
     decisions = (
         key_by_routing_key(records)
-        .process(
-            Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits,
-                        model_dir=str(Path(cfg.model_dir).resolve()), reload_interval_ms=cfg.model_reload_interval_ms,
-                        rules_text=rules_text, rules_path=rules_path,
-                        rules_reload_interval_ms=cfg.rules_reload_interval_ms,
-                        profile_policy=cfg.profile_policy()),
-            output_type=BYTES,
-        )
+        .process(personalize, output_type=BYTES)
         .uid("personalize")
         .name("personalize")
     )
@@ -177,6 +196,9 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
     for key, value in kafka_properties(cfg).items():
         options[f"properties.{key}"] = value
     t_env = StreamTableEnvironment.create(env)
+    # Fixed operator uids for the source too (from the plan: "<id>_<transformation>"), so a savepoint maps back to
+    # the Kafka source's offsets after an upgrade that keeps this query (docs/operations.md).
+    t_env.get_config().set("table.exec.uid.generation", "ALWAYS")
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
         "CREATE TEMPORARY TABLE onboarding_events (`value` BYTES, `topic` STRING METADATA VIRTUAL, "

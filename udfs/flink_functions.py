@@ -124,7 +124,17 @@ class Personalize(KeyedProcessFunction):
                                           content_sha(self.rules_text) if self.rules_text else None, compile_rules_text)
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
                                      bundle.version if bundle else None, self.half_life_ms / 3_600_000.0)
-        self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))
+        profile_descriptor = ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY())
+        ttl_ms = getattr(self, "state_ttl_ms", 0)  # set by jobs/personalize.py from config state_ttl_hours
+        if ttl_ms > 0:  # a profile not written for ttl_ms (processing time) is gone: inactive users cost nothing
+            from pyflink.common.time import Time
+            from pyflink.datastream.state import StateTtlConfig
+
+            profile_descriptor.enable_time_to_live(
+                StateTtlConfig.new_builder(Time.milliseconds(ttl_ms)).update_ttl_on_create_and_write()
+                .never_return_expired().cleanup_full_snapshot().cleanup_incrementally(10, False)
+                .cleanup_in_rocksdb_compact_filter(1000).build())
+        self.profile_state = runtime_context.get_state(profile_descriptor)
         self.encode = decision_codec().encode
         self.event_codec = event_codec()
         self.dlq_codec = dead_letter_codec()
