@@ -192,7 +192,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     ``from_savepoint``: a savepoint or retained checkpoint path to start from (state and source offsets), or
     ``"latest"`` for the newest retained checkpoint under ``cfg.checkpoint_dir``."""
     from jobs import flink_jobs, services
-    from jobs.kafka_admin import ensure_topics
+    from jobs.kafka_admin import ensure_topics, wait_for_broker
     from jobs.personalize import JOB_NAME
     from jobs.provision import flink_job_jars, provision
     from udfs.model_bundle import load_current
@@ -201,6 +201,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     _warn_if_taskmanager_has_older_code(cfg)
     bundle = load_current(cfg.model_dir)  # fails here, clearly, rather than inside a TaskManager
     log.info("model bundle %s", bundle.version)
+    wait_for_broker(cfg.bootstrap_servers, cfg.broker_wait_s)  # BrokerUnavailable, clearly, not a client stack
     ensure_topics(cfg, [cfg.input_topic, cfg.decisions_topic, cfg.dead_letter_topic])
     if replace:
         flink_jobs.cancel_all(cfg, JOB_NAME)
@@ -756,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
-_KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
+_KNOWN_ERRORS = ("ServiceError", "BrokerUnavailable", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
                  "QualityGateError")
 
 

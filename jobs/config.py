@@ -67,6 +67,8 @@ class OnrampConfig:
     restart_delay_ms: int = 1000
     restart_max_delay_ms: int = 60_000
     restart_attempts: int = 10
+    # `onramp submit` waits this long (retrying with backoff) for the broker before it gives up with a clear error
+    broker_wait_s: float = 30.0
     # Kafka sinks batch records for up to this long: with 0 every record wakes the producer's I/O thread from
     # the keyed operator's thread (a syscall and a lock hand-off per decision), which capped throughput at
     # ~3,800 events/s against ~5,600 with 5 ms (docs/performance.md).
