@@ -130,6 +130,7 @@ def stop_with_savepoint(cfg: OnrampConfig, job_id: str, target_dir: str | None =
         if status["status"]["id"] == "COMPLETED":
             operation = status.get("operation") or {}
             if "location" in operation:
+                _wait_terminal(cfg, job_id, deadline)  # so a resubmit right after does not meet it still finishing
                 log.info("job %s stopped with savepoint %s", job_id, operation["location"])
                 return operation["location"]
             cause = (operation.get("failure-cause") or {}).get("stack-trace", "") or str(operation)
@@ -137,6 +138,14 @@ def stop_with_savepoint(cfg: OnrampConfig, job_id: str, target_dir: str | None =
             raise FlinkJobError(f"stop-with-savepoint of job {job_id} failed: {first} (the job keeps running)")
         time.sleep(0.5)
     raise FlinkJobError(f"stop-with-savepoint of job {job_id} did not complete within {timeout_s:.0f}s")
+
+
+def _wait_terminal(cfg: OnrampConfig, job_id: str, deadline: float) -> str:
+    while True:
+        state = rest(cfg, f"/jobs/{job_id}")["state"]
+        if state in ("FINISHED", "CANCELED", "FAILED") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.25)
 
 
 def latest_checkpoint(cfg: OnrampConfig) -> Path:

@@ -340,3 +340,41 @@ def test_reliability_settings_reach_flink(tmp_path):
         load_config({"state_backend": "memory"}, environ={})
     with pytest.raises(ValueError, match="state_ttl_hours"):
         load_config({"state_ttl_hours": -1}, environ={})
+
+
+@pytest.mark.minicluster
+def test_profile_expires_after_the_state_ttl(trained_model_dir, tmp_path):
+    """state_ttl_hours: a profile not written for longer than the TTL is gone. The same event id sent right away is
+    a duplicate (no decision); sent again after the TTL passed it is answered, from a fresh profile."""
+    from pyflink.common import Row, Types
+
+    from jobs.personalize import build_pipeline, create_env
+    from tests.conftest import make_event
+    from udfs.avro_codec import event_codec
+    from udfs.flink_functions import ROUTED_RECORD, routed
+
+    # bundle_size 1: each record leaves the Python map at once, not when a bundle fills
+    cfg = load_config({"model_dir": str(trained_model_dir), "state_dir": str(tmp_path), "state_ttl_hours": 2 / 3600,
+                       "bundle_size": 1, "extra": {"flink.restart-strategy.type": "none"}}, environ={})
+    event = make_event("signup", user_id="ttl-user", t=time.time_ns() // 1_000_000 - 60_000)
+    payload = event_codec().encode(event).decode("latin-1")
+    first_decided = tmp_path / "first-decided"
+    topic = cfg.input_topic
+
+    def pause_before_third(t: Any) -> Any:
+        if t[0] == 2:  # after the first decision (the operator may take long to open), wait out the 2 s TTL
+            deadline = time.monotonic() + 300
+            while not first_decided.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(4.5)
+        return routed(Row(t[1].encode("latin-1"), topic, 0, t[0]))
+
+    env = create_env(cfg)
+    records = env.from_collection([(i, payload) for i in range(3)], type_info=Types.TUPLE([Types.LONG(), Types.STRING()]))
+    decisions, _ = build_pipeline(records.map(pause_before_third, output_type=ROUTED_RECORD), cfg)
+    out = []
+    with decisions.execute_and_collect("onramp-ttl-test") as results:
+        for value in results:
+            out.append(decision_codec().decode(bytes(b % 256 for b in value)))
+            first_decided.touch()
+    assert [d["event_id"] for d in out] == [event["event_id"]] * 2
