@@ -521,6 +521,9 @@ def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]
         "taskmanager.memory.managed.size": "256m",
         "taskmanager.numberOfTaskSlots": 2,
         "parallelism.default": cfg.parallelism,
+        # A crashed TaskManager is noticed after heartbeat.rpc-failure-threshold (2) failed heartbeats: 2 x 3 s,
+        # not 2 x 10 s (the default), so a job restarts sooner; an alive but slow one still has the 50 s timeout.
+        "heartbeat.interval": 3000,
         "rest.address": "localhost",
         "rest.bind-address": "localhost",
         "rest.port": cfg.flink_rest_port,
