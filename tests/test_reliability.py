@@ -378,3 +378,19 @@ def test_profile_expires_after_the_state_ttl(trained_model_dir, tmp_path):
             out.append(decision_codec().decode(bytes(b % 256 for b in value)))
             first_decided.touch()
     assert [d["event_id"] for d in out] == [event["event_id"]] * 2
+
+
+def test_latest_checkpoint_is_the_newest_completed_one_of_any_job(tmp_path):
+    """`onramp submit --from-checkpoint latest`: the newest chk-<n> with a _metadata under checkpoint_dir."""
+    import os
+
+    cfg = load_config({"state_dir": str(tmp_path)}, environ={})
+    with pytest.raises(flink_jobs.FlinkJobError, match="no completed checkpoint"):
+        flink_jobs.latest_checkpoint(cfg)
+    for n, (job, chk) in enumerate([("a" * 32, "chk-7"), ("b" * 32, "chk-2"), ("b" * 32, "chk-3")]):
+        meta = tmp_path / "checkpoints" / job / chk / "_metadata"
+        meta.parent.mkdir(parents=True)
+        meta.write_bytes(b"x")
+        os.utime(meta, (1_000 + n, 1_000 + n))
+    (tmp_path / "checkpoints" / ("b" * 32) / "chk-4").mkdir()  # in progress: no _metadata yet
+    assert flink_jobs.latest_checkpoint(cfg) == tmp_path / "checkpoints" / ("b" * 32) / "chk-3"
