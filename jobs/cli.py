@@ -757,8 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
-_KNOWN_ERRORS = ("ServiceError", "BrokerUnavailable", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
-                 "QualityGateError")
+_KNOWN_ERRORS = ("ServiceError", "BrokerUnavailable", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError",
+                 "RegistryError", "RuleSetError", "QualityGateError")
 
 
 def main(argv: list[str] | None = None) -> int:
