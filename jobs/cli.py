@@ -4,6 +4,7 @@
     onramp train              train personas + churn model on generated history, publish an ONNX bundle
     onramp models ...         list / show / promote / rollback the published model bundles
     onramp submit             submit the personalize job (`flink run -py jobs/personalize.py`)
+    onramp stop [--savepoint] stop it (with a savepoint to `submit --from-savepoint` a new version from)
     onramp produce            send generated onboarding events to the input topic at a given rate
     onramp consume            print decisions (or --dead-letters) as JSON lines
     onramp demo               all of the above in one go, with a readable summary
@@ -187,10 +188,14 @@ def _warn_if_taskmanager_has_older_code(cfg: OnrampConfig) -> None:
         )
 
 
-def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] | None = None) -> str:
-    """Provision, check the model, cancel an older Onramp job, submit, wait until it runs; returns the job id."""
+def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] | None = None,
+               from_savepoint: str | None = None, allow_non_restored_state: bool = False) -> str:
+    """Provision, check the model, cancel an older Onramp job, submit, wait until it runs; returns the job id.
+
+    ``from_savepoint``: a savepoint or retained checkpoint path to start from (state and source offsets), or
+    ``"latest"`` for the newest retained checkpoint under ``cfg.checkpoint_dir``."""
     from jobs import flink_jobs, services
-    from jobs.kafka_admin import ensure_topics
+    from jobs.kafka_admin import ensure_topics, wait_for_broker
     from jobs.personalize import JOB_NAME
     from jobs.provision import flink_job_jars, provision
     from udfs.model_bundle import load_current
@@ -200,15 +205,22 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     _warn_if_taskmanager_has_older_code(cfg)
     bundle = load_current(cfg.model_dir)  # fails here, clearly, rather than inside a TaskManager
     log.info("model bundle %s", bundle.version)
+    wait_for_broker(cfg.bootstrap_servers, cfg.broker_wait_s)  # BrokerUnavailable, clearly, not a client stack
     ensure_topics(cfg, cfg.job_topics())
     if replace:
         flink_jobs.cancel_all(cfg, JOB_NAME)
+    if from_savepoint == "latest":  # after the cancel: a cancelled job's last checkpoint is retained
+        from_savepoint = str(flink_jobs.latest_checkpoint(cfg))
+    if from_savepoint:
+        log.info("starting from %s", from_savepoint)
     job_id = flink_jobs.submit(
         cfg,
         flink_bin=services.flink_bin(cfg),
         env=services.flink_env(cfg),
         jars=flink_job_jars(cfg),
         job_args=job_args,
+        from_savepoint=from_savepoint,
+        allow_non_restored_state=allow_non_restored_state,
     )
     flink_jobs.wait_running(cfg, job_id)
     log.info("job %s running; Flink UI: %s/#/job/running/%s/overview", job_id, cfg.flink_rest_url, job_id)
@@ -216,8 +228,27 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
 
 
 def cmd_submit(cfg: OnrampConfig, args: argparse.Namespace) -> int:
-    job_id = submit_job(cfg, replace=not args.keep_running)
+    job_id = submit_job(cfg, replace=not args.keep_running, from_savepoint=args.from_savepoint or args.from_checkpoint,
+                        allow_non_restored_state=args.allow_non_restored_state)
     print(job_id)
+    return 0
+
+
+def cmd_stop(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    """Stop the running Onramp job: with a savepoint (printed) to resume from, or cancel it (its last checkpoint
+    is retained)."""
+    from jobs import flink_jobs
+    from jobs.personalize import JOB_NAME
+
+    jobs = flink_jobs.running_jobs(cfg, JOB_NAME)
+    if not jobs:
+        raise flink_jobs.FlinkJobError(f"no running {JOB_NAME} job at {cfg.flink_rest_url}")
+    for job in jobs:
+        if args.savepoint is not None:
+            print(flink_jobs.stop_with_savepoint(cfg, job["jid"], args.savepoint or None))
+        else:
+            flink_jobs.cancel(cfg, job["jid"])
+            print(job["jid"])
     return 0
 
 
@@ -693,6 +724,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiments_commands(sub, add)
     p = add("submit", cmd_submit, "submit the personalize job to the Flink cluster (replaces a running one)")
     p.add_argument("--keep-running", action="store_true", help="do not cancel an already running Onramp job")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--from-savepoint", metavar="PATH", help="start from a savepoint (`onramp stop --savepoint`): "
+                       "profiles and input offsets carry over")
+    start.add_argument("--from-checkpoint", metavar="PATH|latest",
+                       help="start from a retained checkpoint; 'latest': the newest under checkpoint_dir")
+    p.add_argument("--allow-non-restored-state", action="store_true",
+                   help="start even if some state in the savepoint belongs to no operator of this job version")
+    p = add("stop", cmd_stop, "stop the running Onramp job, with --savepoint to resume it later")
+    p.add_argument("--savepoint", nargs="?", const="", default=None, metavar="DIR",
+                   help="stop with a savepoint in DIR (default: savepoint_dir, <state_dir>/savepoints); prints its path")
     p = add("produce", cmd_produce, "send generated onboarding events to the input topic")
     p.add_argument("--users", type=int, default=100, help="generated users (default 100)")
     p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
@@ -723,9 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Failures with a message that says what to do: one log line, no traceback (unless -v). Matched by class name
 # (subclasses included) so this module need not import every package to recognise them.
-_KNOWN_ERRORS = ("ServiceError", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError", "RegistryError", "RuleSetError",
-                 "QualityGateError", "PrivacyError", "PseudonymKeyError", "ExperimentConfigError", "OutcomeFileError",
-                 "PlanError", "KafkaConnectionProblem", "KafkaSecurityError")
+_KNOWN_ERRORS = ("ServiceError", "BrokerUnavailable", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError",
+                 "RegistryError", "RuleSetError", "QualityGateError", "PrivacyError", "PseudonymKeyError",
+                 "ExperimentConfigError", "OutcomeFileError", "PlanError", "KafkaConnectionProblem", "KafkaSecurityError")
 
 
 def main(argv: list[str] | None = None) -> int:

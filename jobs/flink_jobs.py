@@ -149,6 +149,58 @@ def root_exception(cfg: OnrampConfig, job_id: str) -> str:
     return "\n".join(lines[:12]) or "no exception recorded"
 
 
+def stop_with_savepoint(cfg: OnrampConfig, job_id: str, target_dir: str | None = None, *,
+                        timeout_s: float = 180.0) -> str:
+    """Stop the job with a savepoint (REST ``POST /jobs/:id/stop``, no drain: a streaming job resumes from it) and
+    return the savepoint's path. ``target_dir``: a path or URI (default ``cfg.savepoint_uri``)."""
+    target = target_dir or cfg.savepoint_uri
+    if "://" not in target:
+        target = Path(target).expanduser().resolve().as_uri()
+    trigger = rest(cfg, f"/jobs/{job_id}/stop", method="POST", body={"targetDirectory": target, "drain": False})
+    request_id = trigger["request-id"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = rest(cfg, f"/jobs/{job_id}/savepoints/{request_id}")
+        if status["status"]["id"] == "COMPLETED":
+            operation = status.get("operation") or {}
+            if "location" in operation:
+                _wait_terminal(cfg, job_id, deadline)  # so a resubmit right after does not meet it still finishing
+                log.info("job %s stopped with savepoint %s", job_id, operation["location"])
+                return operation["location"]
+            cause = (operation.get("failure-cause") or {}).get("stack-trace", "") or str(operation)
+            first = next((ln for ln in cause.splitlines() if ln.strip()), "unknown reason")
+            raise FlinkJobError(f"stop-with-savepoint of job {job_id} failed: {first} (the job keeps running)")
+        time.sleep(0.5)
+    raise FlinkJobError(f"stop-with-savepoint of job {job_id} did not complete within {timeout_s:.0f}s")
+
+
+def _wait_terminal(cfg: OnrampConfig, job_id: str, deadline: float) -> str:
+    while True:
+        state = rest(cfg, f"/jobs/{job_id}")["state"]
+        if state in ("FINISHED", "CANCELED", "FAILED") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.25)
+
+
+def latest_checkpoint(cfg: OnrampConfig) -> Path:
+    """The newest retained checkpoint (``<checkpoint_dir>/<job id>/chk-<n>`` with a ``_metadata``) of any job that
+    wrote to this config's checkpoint_dir; only for a local (file://) checkpoint_dir."""
+    uri = cfg.checkpoint_uri
+    if not uri.startswith("file://"):
+        raise FlinkJobError(f"--from-checkpoint latest needs a local checkpoint_dir, not {uri}; give the path")
+    root = Path(urlparse(uri).path)
+    found = [m.parent for m in root.glob("*/chk-*/_metadata")]
+    if not found:
+        raise FlinkJobError(f"no completed checkpoint under {root}; was the job ever checkpointed there?")
+    return max(found, key=lambda d: d.joinpath("_metadata").stat().st_mtime)
+
+
+def checkpoint_stats(cfg: OnrampConfig, job_id: str) -> dict[str, Any]:
+    """The latest completed checkpoint of a job (REST ``/jobs/:id/checkpoints``): id, state size, path..."""
+    info = rest(cfg, f"/jobs/{job_id}/checkpoints")
+    return ((info or {}).get("latest") or {}).get("completed") or {}
+
+
 def submit(
     cfg: OnrampConfig,
     *,
@@ -159,9 +211,12 @@ def submit(
     job_args: list[str] | None = None,
     timeout_s: float = 180.0,
     ship_dirs: tuple[str, ...] = SHIPPED_DIRS,
+    from_savepoint: str | None = None,
+    allow_non_restored_state: bool = False,
 ) -> str:
     """``flink run -d -py <script>`` against ``cfg.flink_rest_url``; returns the job id. ``ship_dirs``: the
-    project directories the job's Python code needs on the TaskManagers."""
+    project directories the job's Python code needs on the TaskManagers; ``from_savepoint``: a savepoint or
+    retained checkpoint to start from (``flink run -s``)."""
     target = urlparse(cfg.flink_rest_url)
     # The workers' Python: the one the job config names (flink.python.executable), else this venv's.
     worker_python = cfg.extra.get("flink.python.executable", sys.executable)
@@ -169,6 +224,8 @@ def submit(
         str(flink_bin), "run", "-d",
         "-m", f"{target.hostname}:{target.port or 8081}",
         "-pyexec", worker_python, "-pyclientexec", sys.executable,
+        *(["-s", str(from_savepoint)] if from_savepoint else []),
+        *(["--allowNonRestoredState"] if allow_non_restored_state else []),
         "-py", str(script),
         # Ship the project's code and schemas: TaskManagers import them from the job's own files.
         "-pyfs", ",".join(str(REPO_ROOT / d) for d in ship_dirs),

@@ -86,17 +86,27 @@ def probe_broker(bootstrap: str, timeout_s: float = 3.0) -> dict | None:
 def wait_for_broker(bootstrap: str, timeout_s: float) -> dict:
     """Block until a broker at ``bootstrap`` answers a metadata request; returns the cluster description.
 
-    Raises BrokerUnavailable after ``timeout_s``.
+    Retries with exponential backoff (0.3 s doubling to 5 s), so a broker that is still starting is waited for;
+    raises BrokerUnavailable, saying what to check, after ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
+    backoff = 0.3
+    attempts = 0
     while True:
         remaining = deadline - time.monotonic()
         cluster = probe_broker(bootstrap, timeout_s=max(1.0, min(5.0, remaining)))
+        attempts += 1
         if cluster is not None:
             return cluster
-        if time.monotonic() >= deadline:
-            raise BrokerUnavailable(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s")
-        time.sleep(0.3)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerUnavailable(
+                f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s ({attempts} attempts); start it "
+                "(`onramp up`), or fix --bootstrap-servers / the kafka.* security settings"
+            )
+        log.info("Kafka broker at %s not reachable yet; retrying in %.1fs", bootstrap, min(backoff, remaining))
+        time.sleep(min(backoff, remaining))
+        backoff = min(backoff * 2, 5.0)
 
 
 def ensure_topics(

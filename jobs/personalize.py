@@ -68,10 +68,30 @@ def python_settings(cfg: OnrampConfig) -> dict[str, str]:
     }
 
 
+def reliability_settings(cfg: OnrampConfig) -> dict[str, str]:
+    """Flink settings for checkpoints, state and restarts (docs/operations.md): checkpoints kept on cancel so a
+    new job version can start from one, the state backend, and how the job restarts after a failure."""
+    settings = {
+        "execution.checkpointing.dir": cfg.checkpoint_uri,
+        "execution.checkpointing.savepoint-dir": cfg.savepoint_uri,
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "state.backend.type": cfg.state_backend,
+        "execution.checkpointing.incremental": "true" if cfg.state_backend == "rocksdb" else "false",
+        "restart-strategy.type": cfg.restart_strategy,
+    }
+    if cfg.restart_strategy == "exponential-delay":
+        settings["restart-strategy.exponential-delay.initial-backoff"] = f"{cfg.restart_delay_ms} ms"
+        settings["restart-strategy.exponential-delay.max-backoff"] = f"{cfg.restart_max_delay_ms} ms"
+    elif cfg.restart_strategy == "fixed-delay":
+        settings["restart-strategy.fixed-delay.attempts"] = str(cfg.restart_attempts)
+        settings["restart-strategy.fixed-delay.delay"] = f"{cfg.restart_delay_ms} ms"
+    return settings
+
+
 def create_env(cfg: OnrampConfig, jars: list[Path] | None = None) -> StreamExecutionEnvironment:
     ensure_embedded_python_path()  # before the gateway JVM starts: a local mini-cluster inherits it
     conf = Configuration()
-    for key, value in python_settings(cfg).items():
+    for key, value in {**python_settings(cfg), **reliability_settings(cfg)}.items():
         conf.set_string(key, value)
     # The Java routing-key function reads the pseudonymization key from this file on each TaskManager: the job
     # graph carries the path, never the key (udfs/pseudonym.py).
@@ -199,7 +219,8 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         control_topic=cfg.control_topic, audit=bool(cfg.audit_topic),
                         key_file=str(Path(cfg.pseudonym_key_file).resolve()), alias_window_ms=cfg.alias_window_ms,
                         experiments_text=experiments_text, experiments_path=experiments_path,
-                        experiments_reload_interval_ms=cfg.experiments_reload_interval_ms),
+                        experiments_reload_interval_ms=cfg.experiments_reload_interval_ms,
+                        state_ttl_ms=cfg.state_ttl_ms),
             output_type=BYTES,
         )
         .uid("personalize")
@@ -259,6 +280,9 @@ def kafka_records(env: StreamExecutionEnvironment, cfg: OnrampConfig, *, bounded
     options.update({"key.format": "raw", "key.fields": "key", "value.format": "raw",
                     "value.fields-include": "EXCEPT_KEY"})
     t_env = t_env or StreamTableEnvironment.create(env)
+    # Fixed operator uids for the source too (from the plan: "<id>_<transformation>"), so a savepoint maps back to
+    # the Kafka source's offsets after an upgrade that keeps this query (docs/operations.md).
+    t_env.get_config().set("table.exec.uid.generation", "ALWAYS")
     t_env.create_java_temporary_system_function(ROUTING_KEY_FUNCTION, ROUTING_KEY_CLASS)
     t_env.execute_sql(
         "CREATE TEMPORARY TABLE onboarding_events (`key` BYTES, `value` BYTES, `topic` STRING METADATA VIRTUAL, "

@@ -580,7 +580,6 @@ def flatten_flink_yaml(text: str) -> dict[str, Any]:
 def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]:
     """The wheel's config.yaml, flattened, with our settings on top (flat keys are valid Flink 2.x YAML)."""
     flat = flatten_flink_yaml((pyflink_home() / "conf" / "config.yaml").read_text())
-    state = Path(cfg.state_dir).resolve()
     flat.update(flink_cluster_settings(cfg))
     flat.update({
         # env.java.opts.all (the Java 17 --add-opens/--add-exports) is kept from the wheel's config.
@@ -591,6 +590,9 @@ def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]
         "taskmanager.host": "localhost",
         "taskmanager.bind-host": "localhost",
         "taskmanager.memory.process.size": "2048m",
+        # A crashed TaskManager is noticed after heartbeat.rpc-failure-threshold (2) failed heartbeats: 2 x 3 s,
+        # not 2 x 10 s (the default), so a job restarts sooner; an alive but slow one still has the 50 s timeout.
+        "heartbeat.interval": 3000,
         "rest.address": "localhost",
         "rest.bind-address": "localhost",
         "rest.port": cfg.flink_rest_port,
@@ -599,8 +601,8 @@ def _flink_config(cfg: OnrampConfig, p: _Paths, rpc_port: int) -> dict[str, Any]
         # Thread mode embeds CPython in the TaskManager (pemja); that interpreter starts from the base
         # installation, not the venv, so it must be told where the venv's packages (pemja, pyflink...) are.
         "python.pythonpath": os.pathsep.join(_site_packages()),
-        "execution.checkpointing.dir": (state / "flink-checkpoints").as_uri(),
-        "execution.checkpointing.savepoint-dir": (state / "flink-savepoints").as_uri(),
+        "execution.checkpointing.dir": cfg.checkpoint_uri,
+        "execution.checkpointing.savepoint-dir": cfg.savepoint_uri,
     })
     if cfg.prometheus_port:  # the wheel ships plugins/metrics-prometheus; each process takes a port of the range
         flat.update({
@@ -861,6 +863,55 @@ def taskmanager_started_at(cfg: OnrampConfig) -> float | None:
         return pid_file.stat().st_mtime if _read_pids(pid_file) else None
     except OSError:
         return None
+
+
+def kill_taskmanager(cfg: OnrampConfig) -> list[int]:
+    """SIGKILL the local TaskManager(s), as a crash would (failure drills and tests); returns the pids killed.
+
+    The JobManager keeps running: it notices the loss, and the job restarts from its last checkpoint once a
+    TaskManager offers slots again (:func:`start_taskmanager`)."""
+    p = _paths(cfg)
+    with _services_lock(cfg):
+        _, tms = _flink_pids(p)
+        for pid in tms:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tms):
+            time.sleep(0.05)
+        p.tm_pid.unlink(missing_ok=True)  # only dead pids were in it
+    if tms:
+        log.info("killed taskmanager pid(s) %s", tms)
+    return tms
+
+
+def start_taskmanager(cfg: OnrampConfig) -> int:
+    """Start a TaskManager for the running local cluster with the script ``up`` uses; returns its pid."""
+    p = _paths(cfg)
+    with _services_lock(cfg):
+        if _flink_pids(p)[0] is None:
+            raise ServiceError("no local Flink jobmanager is running; start the cluster with `onramp up`")
+        pid = _run_daemon_script(cfg, p, "taskmanager.sh", p.tm_pid, TM_MAIN, "taskexecutor")
+    log.info("taskmanager started (pid %d)", pid)
+    return pid
+
+
+def restart_taskmanager(cfg: OnrampConfig) -> int:
+    """:func:`kill_taskmanager` then :func:`start_taskmanager`; returns the new pid."""
+    kill_taskmanager(cfg)
+    return start_taskmanager(cfg)
+
+
+def stop_kafka(cfg: OnrampConfig) -> dict:
+    """Stop the local broker (SIGTERM: a controlled shutdown); its data stays for :func:`start_kafka`."""
+    with _services_lock(cfg):
+        return _stop_kafka(cfg, _paths(cfg))
+
+
+def start_kafka(cfg: OnrampConfig) -> dict:
+    """Start the local broker (idempotent) and wait until it answers."""
+    with _services_lock(cfg):
+        return _start_kafka(cfg, _paths(cfg))
 
 
 def status(cfg: OnrampConfig) -> dict:

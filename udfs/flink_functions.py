@@ -50,6 +50,21 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _descriptor(name: str, ttl_ms: int) -> ValueStateDescriptor:
+    """A pickled-bytes value state, expiring ``ttl_ms`` after its last write when ``ttl_ms`` > 0 (cleaned up in
+    full snapshots, incrementally on access, and by RocksDB's compaction filter)."""
+    descriptor = ValueStateDescriptor(name, Types.PICKLED_BYTE_ARRAY())
+    if ttl_ms > 0:
+        from pyflink.common.time import Time
+        from pyflink.datastream.state import StateTtlConfig
+
+        descriptor.enable_time_to_live(
+            StateTtlConfig.new_builder(Time.milliseconds(ttl_ms)).update_ttl_on_create_and_write()
+            .never_return_expired().cleanup_full_snapshot().cleanup_incrementally(10, False)
+            .cleanup_in_rocksdb_compact_filter(1000).build())
+    return descriptor
+
+
 def _subject(ctx: Any) -> str:
     """The pseudonym the current record is keyed by. The key is declared ``Row(routing_key)``, but PyFlink hands
     the keyed function a one-field row key as the bare value (seen with 2.2.1, thread mode); accept both."""
@@ -114,7 +129,8 @@ class Personalize(KeyedProcessFunction):
                  profile_policy: ProfilePolicy | None = None, gc_freeze: bool = True,
                  control_topic: str = "", audit: bool = False, key_file: str | None = None,
                  alias_window_ms: int = 24 * 3_600_000, experiments_text: str | None = None,
-                 experiments_path: str | None = None, experiments_reload_interval_ms: int = 0):
+                 experiments_path: str | None = None, experiments_reload_interval_ms: int = 0,
+                 state_ttl_ms: int = 0):
         self.bundle_files = bundle_files
         self.gc_freeze = gc_freeze
         self.control_topic = control_topic
@@ -123,6 +139,7 @@ class Personalize(KeyedProcessFunction):
         self.key = None
         self.key_id = ""
         self.alias_window_ms = alias_window_ms
+        self.state_ttl_ms = state_ttl_ms
         self.experiments_text = experiments_text
         self.experiments_path = experiments_path
         self.experiments_reload_interval_ms = experiments_reload_interval_ms if experiments_path else 0
@@ -163,9 +180,12 @@ class Personalize(KeyedProcessFunction):
                                           content_sha(self.rules_text) if self.rules_text else None, compile_rules_text)
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
                                      bundle.version if bundle else None, self.half_life_ms / 3_600_000.0)
-        self.profile_state = runtime_context.get_state(ValueStateDescriptor("profile", Types.PICKLED_BYTE_ARRAY()))
+        # TTL (config state_ttl_hours): a profile not written for that long (processing time) is gone, so inactive
+        # users cost nothing; identity state lives at least two alias windows (udfs/identity.py needs them)
+        self.profile_state = runtime_context.get_state(_descriptor("profile", self.state_ttl_ms))
         # aliases (udfs/identity.py); read only for events that name an anonymous id and for identity messages
-        self.identity_state = runtime_context.get_state(ValueStateDescriptor("identity", Types.PICKLED_BYTE_ARRAY()))
+        identity_ttl = max(self.state_ttl_ms, 2 * self.alias_window_ms + 3_600_000) if self.state_ttl_ms else 0
+        self.identity_state = runtime_context.get_state(_descriptor("identity", identity_ttl))
         self.encode = decision_codec().encode
         # Read on the TaskManager (file or ONRAMP_PSEUDONYM_KEY), like the Java routing key: never in the job graph.
         self.key = load_key(self.key_file)
