@@ -265,7 +265,8 @@ def test_taskmanager_kill_and_broker_restart_lose_nothing_duplicate_nothing(live
 @pytest.mark.e2e
 def test_stop_with_savepoint_then_upgrade_with_new_rules_keeps_state(live_services, tmp_path, capsys):
     """Stop with a savepoint (`onramp stop --savepoint`), start a new job version with another rule set from it:
-    later decisions name the new rules version, profiles and dedup ids carried over, nothing lost or doubled."""
+    later decisions name the new rules version, profiles and dedup ids carried over, nothing lost or doubled.
+    Runs on the RocksDB backend (incremental checkpoints)."""
     rules_a = tmp_path / "rules-a.yaml"
     shutil.copy(REPO_ROOT / "rules" / "onboarding.yaml", rules_a)
     version_a = yaml.safe_load(rules_a.read_text())["version"]
@@ -273,7 +274,8 @@ def test_stop_with_savepoint_then_upgrade_with_new_rules_keeps_state(live_servic
     doc.update(version="reliab-upgrade-b", changelog="upgrade test: same rules, new version")
     rules_b = tmp_path / "rules-b.yaml"
     rules_b.write_text(yaml.safe_dump(doc, sort_keys=False))
-    cfg = reliability_cfg(live_services, "upgrade", tmp_path, rules_file=str(rules_a))
+    # RocksDB with incremental checkpoints here (the failover test runs the default heap backend): both restore.
+    cfg = reliability_cfg(live_services, "upgrade", tmp_path, rules_file=str(rules_a), state_backend="rocksdb")
     events = generated_events(12, seed=31)
     first, second = events[: len(events) // 2], events[len(events) // 2:]
     resent = recent_events(first, cfg.dedup_window_ms)
