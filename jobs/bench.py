@@ -122,7 +122,7 @@ class Bench:
             input_topic=f"bench-{self.run_id}-{name}-in",
             decisions_topic=f"bench-{self.run_id}-{name}-out",
             dead_letter_topic=f"bench-{self.run_id}-{name}-dlq",
-            audit_topic=f"bench-{self.run_id}-{name}-audit",
+            audit_topic=f"bench-{self.run_id}-{name}-audit" if self.cfg.audit_topic else "",  # "" keeps audit off
             control_topic=f"bench-{self.run_id}-{name}-control",
             group_id=f"bench-{self.run_id}-{name}",
         )

@@ -205,7 +205,8 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
     _warn_if_taskmanager_has_older_code(cfg)
     bundle = load_current(cfg.model_dir)  # fails here, clearly, rather than inside a TaskManager
     log.info("model bundle %s", bundle.version)
-    wait_for_broker(cfg.bootstrap_servers, cfg.broker_wait_s)  # BrokerUnavailable, clearly, not a client stack
+    # BrokerUnavailable, clearly, not a client stack; over the configured TLS/SASL like every other client
+    wait_for_broker(cfg.bootstrap_servers, cfg.broker_wait_s, cfg)
     ensure_topics(cfg, cfg.job_topics())
     if replace:
         flink_jobs.cancel_all(cfg, JOB_NAME)

@@ -67,12 +67,13 @@ def admin_client(bootstrap: str, *, timeout_s: float = 10.0, cfg: OnrampConfig |
         client.close()
 
 
-def probe_broker(bootstrap: str, timeout_s: float = 3.0) -> dict | None:
-    """One quick metadata round trip; the cluster description, or None if no broker answered."""
+def probe_broker(bootstrap: str, timeout_s: float = 3.0, cfg: OnrampConfig | None = None) -> dict | None:
+    """One quick metadata round trip (over ``cfg``'s transport security when given); the cluster description, or
+    None if no broker answered."""
     if not _any_port_open(bootstrap, timeout_s=min(timeout_s, 1.0)):
         return None
     try:
-        with admin_client(bootstrap, timeout_s=timeout_s) as admin:
+        with admin_client(bootstrap, timeout_s=timeout_s, cfg=cfg) as admin:
             cluster = admin.describe_cluster()
     except Exception as exc:  # kafka-python raises a zoo of errors while a broker is starting
         log.debug("broker at %s not ready: %s", bootstrap, exc)
@@ -83,7 +84,7 @@ def probe_broker(bootstrap: str, timeout_s: float = 3.0) -> dict | None:
     return cluster
 
 
-def wait_for_broker(bootstrap: str, timeout_s: float) -> dict:
+def wait_for_broker(bootstrap: str, timeout_s: float, cfg: OnrampConfig | None = None) -> dict:
     """Block until a broker at ``bootstrap`` answers a metadata request; returns the cluster description.
 
     Retries with exponential backoff (0.3 s doubling to 5 s), so a broker that is still starting is waited for;
@@ -94,7 +95,7 @@ def wait_for_broker(bootstrap: str, timeout_s: float) -> dict:
     attempts = 0
     while True:
         remaining = deadline - time.monotonic()
-        cluster = probe_broker(bootstrap, timeout_s=max(1.0, min(5.0, remaining)))
+        cluster = probe_broker(bootstrap, timeout_s=max(1.0, min(5.0, remaining)), cfg=cfg)
         attempts += 1
         if cluster is not None:
             return cluster
