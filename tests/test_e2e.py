@@ -30,6 +30,8 @@ def test_events_in_decisions_and_dead_letters_out(live_services):
         input_topic="e2e-events",
         decisions_topic="e2e-decisions",
         dead_letter_topic="e2e-dead-letters",
+        audit_topic="e2e-audit",
+        control_topic="e2e-control",
         group_id="e2e",
     )
     job_id = submit_job(cfg)
@@ -84,6 +86,8 @@ def test_running_job_switches_model_version_mid_stream(live_services, tmp_path):
         input_topic="reload-events",
         decisions_topic="reload-decisions",
         dead_letter_topic="reload-dead-letters",
+        audit_topic="reload-audit",
+        control_topic="reload-control",
         group_id="reload",
     )
     events = generated_events(20, seed=9)
@@ -134,6 +138,8 @@ def test_running_job_switches_rule_set_mid_stream_and_refuses_a_broken_one(live_
         input_topic="rules-events",
         decisions_topic="rules-decisions",
         dead_letter_topic="rules-dead-letters",
+        audit_topic="rules-audit",
+        control_topic="rules-control",
         group_id="rules",
     )
     events = generated_events(24, seed=13)

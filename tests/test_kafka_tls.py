@@ -142,9 +142,10 @@ def test_personalize_job_reads_and_writes_over_tls(tls_broker, trained_model_dir
 
     name = f"tls-job-{protocol.lower()}"
     cfg = _secure(tls_broker, protocol, model_dir=str(trained_model_dir), input_topic=f"{name}-events",
-                  decisions_topic=f"{name}-decisions", dead_letter_topic=f"{name}-dead", group_id=name)
+                  decisions_topic=f"{name}-decisions", dead_letter_topic=f"{name}-dead", audit_topic=f"{name}-audit",
+                  control_topic=f"{name}-control", group_id=name)
     cfg = cfg.replace(extra={"flink.restart-strategy.type": "none"})
-    ensure_topics(cfg, [cfg.input_topic, cfg.decisions_topic, cfg.dead_letter_topic])
+    ensure_topics(cfg, cfg.job_topics())
     events = generated_events(5, seed=17)
     producer = make_producer(cfg)
     produce(producer, cfg.input_topic, encode_events(events))

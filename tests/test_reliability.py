@@ -185,6 +185,8 @@ def reliability_cfg(live: OnrampConfig, name: str, tmp_path: Path, **changes: An
         input_topic=f"{name}-events",
         decisions_topic=f"{name}-decisions",
         dead_letter_topic=f"{name}-dead-letters",
+        audit_topic=f"{name}-audit",
+        control_topic=f"{name}-control",
         group_id=name,
         checkpoint_dir=str(tmp_path / "checkpoints"),
         savepoint_dir=str(tmp_path / "savepoints"),
@@ -369,11 +371,14 @@ def test_profile_expires_after_the_state_ttl(trained_model_dir, tmp_path):
             while not first_decided.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(4.5)
-        return routed(Row(t[1].encode("latin-1"), topic, 0, t[0]))
+        return routed(Row(t[1].encode("latin-1"), topic, 0, t[0]), key)
 
+    from udfs.pseudonym import ensure_key_file
+
+    key = ensure_key_file(cfg.pseudonym_key_file)
     env = create_env(cfg)
     records = env.from_collection([(i, payload) for i in range(3)], type_info=Types.TUPLE([Types.LONG(), Types.STRING()]))
-    decisions, _ = build_pipeline(records.map(pause_before_third, output_type=ROUTED_RECORD), cfg)
+    decisions = build_pipeline(records.map(pause_before_third, output_type=ROUTED_RECORD), cfg).decisions
     out = []
     with decisions.execute_and_collect("onramp-ttl-test") as results:
         for value in results:

@@ -147,7 +147,7 @@ def test_status_of_a_running_job(live_services, capsys):
     cfg = dataclasses.replace(
         live_services, checkpoint_interval_ms=500, topic_partitions=2, parallelism=2,
         input_topic="status-events", decisions_topic="status-decisions", dead_letter_topic="status-dead-letters",
-        group_id="status",
+        audit_topic="status-audit", control_topic="status-control", group_id="status",
     )
     events = generated_events(20, seed=21)
     job_id = submit_job(cfg)
