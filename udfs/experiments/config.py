@@ -5,8 +5,8 @@ Runs on the Flink cluster, so only the standard library, PyYAML and jsonschema a
 Loading reports *every* problem (not just the first) as ``file:line: path: message``, where the message says how
 to fix it, in one :class:`ExperimentConfigError`:
 
-1. YAML is composed node by node so each key keeps its line (the rule-set loader's composer); duplicate keys are
-   errors. Unquoted YAML timestamps become ISO strings.
+1. YAML is composed node by node so each key keeps its line (:mod:`udfs.yaml_lines`, shared with the rule-set
+   loader); duplicate keys are errors. Unquoted YAML timestamps become ISO strings.
 2. The data is validated against ``udfs/experiments/experiments.schema.json``.
 3. Checks a schema cannot express: unique layer, experiment and arm ids; weights > 0; start < stop; a layer's
    shares add up to at most 1; one baseline arm per experiment (``control: true`` or ``baseline: <arm id>``);
@@ -25,12 +25,15 @@ import datetime as dt
 import itertools
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import jsonschema
-import yaml
+
+from udfs.yaml_lines import (
+    JsonPath, LineMap, TYPE_WORDS, YamlProblem, YamlSourceError, compose_with_lines, schema_validator,
+    where as _where,
+)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "experiments.schema.json"
 BUCKETS = 10_000  # hash buckets per experiment / layer (0.01% granularity)
@@ -39,8 +42,6 @@ CHANGE_KEYS = ("control", "rules_version", "model_version", "content_variant")
 # Fields an eligibility condition may test: the user's context as the job knows it at decision time.
 ELIGIBILITY_FIELDS = ("segment_id", "country", "device", "locale", "referral_source", "occupation", "age_band")
 NEVER_MS = 2**62  # "no stop": later than any event time
-
-JsonPath = tuple[Union[str, int], ...]
 
 
 class ExperimentConfigError(ValueError):
@@ -160,27 +161,8 @@ EMPTY_SET = ExperimentSet(version="none", layers=(), experiments={}, source="<no
 # ----------------------------------------------------------------------------------------------- YAML with lines
 
 
-class _Lines:
-    """1-based line of each key/item by JSON path; unknown paths use their nearest ancestor."""
-
-    def __init__(self) -> None:
-        self.by_path: dict[JsonPath, int] = {}
-
-    def at(self, path: JsonPath) -> int:
-        while path not in self.by_path and path:
-            path = path[:-1]
-        return self.by_path.get(path, 1)
-
-
-def _where(path: JsonPath) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "top level"
-
-
 class _Problems:
-    def __init__(self, source: str, lines: _Lines) -> None:
+    def __init__(self, source: str, lines: LineMap) -> None:
         self.source, self.lines, self.items = source, lines, []  # type: ignore[var-annotated]
 
     def add(self, path: JsonPath, message: str) -> None:
@@ -200,63 +182,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _to_data(node: yaml.Node, path: JsonPath, lines: _Lines, loader: yaml.SafeLoader, problems: _Problems) -> Any:
-    lines.by_path.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                lines.by_path[path + ("?",)] = key_node.start_mark.line + 1
-                problems.add(path + ("?",), "keys must be plain names")
-                continue
-            key = key_node.value
-            if key in out:
-                first = lines.at(path + (key,))
-                lines.by_path[path + (key, "dup")] = key_node.start_mark.line + 1
-                problems.add(path + (key, "dup"), f"duplicate key '{key}' (first at line {first}); keep one")
-                continue
-            lines.by_path[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _to_data(value_node, path + (key,), lines, loader, problems)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_data(item, path + (i,), lines, loader, problems) for i, item in enumerate(node.value)]
-    return _plain(loader.construct_object(node))
-
-
-def _compose(text: str, source: str) -> tuple[Any, _Lines]:
-    lines = _Lines()
-    problems = _Problems(source, lines)
-    loader = yaml.SafeLoader(text)
+def _compose(text: str, source: str) -> tuple[Any, LineMap]:
+    """:func:`compose_with_lines` (dates as ISO text), its problems worded as ``file:line: path: message``."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise ExperimentConfigError([f"{source}:1: the file is empty; expected version: and layers: "
-                                         "(see rules/experiments.yaml)"])
-        data = _to_data(node, (), lines, loader, problems)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise ExperimentConfigError([f"{source}:{mark.line + 1 if mark else 1}: not valid YAML: {problem}"]) from None
-    except yaml.YAMLError as exc:
-        raise ExperimentConfigError([f"{source}:1: not valid YAML: {exc}"]) from None
-    finally:
-        loader.dispose()
+        return compose_with_lines(text, convert_scalar=_plain)
+    except YamlSourceError as exc:
+        found = exc.problems
+    lines = LineMap()  # outside the except block, so the error does not chain the YamlSourceError
+    problems = _Problems(source, lines)
+    for problem in found:
+        _add_yaml_problem(problem, source, lines, problems)
     problems.raise_if_any()
-    return data, lines
+    raise AssertionError("a YamlSourceError always has a problem")
+
+
+def _add_yaml_problem(problem: YamlProblem, source: str, lines: LineMap, problems: _Problems) -> None:
+    """Word one YAML problem; an empty or unparsable file stops at once, key problems are collected."""
+    if problem.kind == "empty":
+        raise ExperimentConfigError([f"{source}:1: the file is empty; expected version: and layers: "
+                                     "(see rules/experiments.yaml)"])
+    if problem.kind == "syntax":
+        raise ExperimentConfigError([f"{source}:{problem.line}: not valid YAML: {problem.detail}"])
+    if problem.kind == "key-not-plain":
+        at: JsonPath = problem.path + ("?",)
+        message = "keys must be plain names"
+    else:
+        at = problem.path + (problem.key, "dup")
+        message = f"duplicate key '{problem.key}' (first at line {problem.first_line}); keep one"
+    lines.by_path[at] = problem.line
+    problems.add(at, message)
 
 
 # ----------------------------------------------------------------------------------------------- schema
 
 
-@lru_cache(maxsize=1)
-def _validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
-_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "number": "a number",
-               "integer": "an integer", "boolean": "true or false"}
 _REQUIRED_HINTS = {
     "version": 'e.g. version: "2026.12.01-1"',
     "layers": "a list of layers, each with an id and its experiments",
@@ -299,7 +258,7 @@ def _schema_problem(error: jsonschema.ValidationError, problems: _Problems) -> N
         problems.add(path, f"expected a value or a list of values (strings or integers), got {json.dumps(instance)[:60]}")
     elif kind == "type":
         expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        words = " or ".join(_TYPE_WORDS.get(t, t) for t in expected)
+        words = " or ".join(TYPE_WORDS.get(t, t) for t in expected)
         hint = "; quote it" if "string" in expected and not isinstance(instance, (dict, list)) else ""
         problems.add(path, f"expected {words}, got {json.dumps(instance, default=str)[:60]}{hint}")
     elif kind == "const":
@@ -488,7 +447,7 @@ def parse_experiments(text: str, source: str = "<experiments>") -> ExperimentSet
     """Parse and validate an experiments YAML text; raise :class:`ExperimentConfigError` listing every problem."""
     data, lines = _compose(text, source)
     problems = _Problems(source, lines)
-    for error in _validator().iter_errors(data):
+    for error in schema_validator(SCHEMA_PATH).iter_errors(data):
         _schema_problem(error, problems)
     problems.raise_if_any()
 

@@ -4,7 +4,7 @@ Loading has three passes, each reporting *every* problem it finds (not just the 
 ``file:line: [code] message``, so an author fixes a file in one round:
 
 1. YAML is composed into nodes (not constructed), so each key and item keeps its line; duplicate keys, which
-   plain ``yaml.safe_load`` silently merges, are errors.
+   plain ``yaml.safe_load`` silently merges, are errors (:mod:`udfs.yaml_lines`, shared with experiment files).
 2. The data is validated against the published JSON Schema ``rules/ruleset.schema.json``; jsonschema's
    messages are rewritten to say what is wrong and what is expected at which line.
 3. Checks a schema cannot express: rule ids unique across the file, hand-overs to existing tables, no
@@ -16,18 +16,19 @@ Field names and operator/type fit are checked by the compiler against :data:`udf
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 import jsonschema
-import yaml
+
+from udfs.yaml_lines import (
+    TYPE_WORDS, JsonPath, LineMap, YamlProblem, YamlSourceError, compose_with_lines, schema_validator,
+    where as _where,
+)
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "rules" / "ruleset.schema.json"
 MAIN_TABLE = "main"
-
-JsonPath = tuple[Union[str, int], ...]
 
 
 # ----------------------------------------------------------------------------------------------- findings
@@ -136,80 +137,28 @@ class RuleSet:
 # ----------------------------------------------------------------------------------------------- YAML with lines
 
 
-class _Lines:
-    """1-based line of each key/item of the document, by JSON path; unknown paths use their nearest ancestor."""
-
-    def __init__(self) -> None:
-        self.by_path: dict[JsonPath, int] = {}
-
-    def at(self, path: JsonPath) -> int:
-        while path not in self.by_path and path:
-            path = path[:-1]
-        return self.by_path.get(path, 1)
-
-
-def _node_to_data(
-    node: yaml.Node, path: JsonPath, lines: _Lines, loader: yaml.SafeLoader, findings: list[Finding], source: str
-) -> Any:
-    lines.by_path.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                findings.append(Finding(source, key_node.start_mark.line + 1, "yaml-key", "keys must be plain names"))
-                continue
-            key = key_node.value  # raw text: `no:` / `on:` stay names instead of becoming YAML 1.1 booleans
-            key_line = key_node.start_mark.line + 1
-            if key in out:
-                findings.append(Finding(
-                    source, key_line, "duplicate-key",
-                    f"duplicate key '{key}' (first at line {lines.at(path + (key,))}); each key may appear once",
-                ))
-                continue
-            lines.by_path[path + (key,)] = key_line
-            out[key] = _node_to_data(value_node, path + (key,), lines, loader, findings, source)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_node_to_data(item, path + (i,), lines, loader, findings, source) for i, item in enumerate(node.value)]
-    return loader.construct_object(node)
-
-
-def _compose(text: str, source: str) -> tuple[Any, _Lines]:
-    lines = _Lines()
-    findings: list[Finding] = []
-    loader = yaml.SafeLoader(text)
+def _compose(text: str, source: str) -> tuple[Any, LineMap]:
+    """:func:`compose_with_lines`, its problems worded as findings."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise RuleSetError([Finding(source, 1, "empty", "the file is empty; expected a rule set (ruleset, version, changelog, default, tables)")])
-        data = _node_to_data(node, (), lines, loader, findings, source)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise RuleSetError([Finding(source, mark.line + 1 if mark else 1, "yaml", f"not valid YAML: {problem}")]) from None
-    except yaml.YAMLError as exc:
-        raise RuleSetError([Finding(source, 1, "yaml", f"not valid YAML: {exc}")]) from None
-    finally:
-        loader.dispose()
-    if findings:
-        raise RuleSetError(findings)
-    return data, lines
+        return compose_with_lines(text)
+    except YamlSourceError as exc:
+        raise RuleSetError([_yaml_finding(p, source) for p in exc.problems]) from None
+
+
+def _yaml_finding(problem: YamlProblem, source: str) -> Finding:
+    if problem.kind == "empty":
+        return Finding(source, 1, "empty", "the file is empty; expected a rule set (ruleset, version, changelog, default, tables)")
+    if problem.kind == "key-not-plain":
+        return Finding(source, problem.line, "yaml-key", "keys must be plain names")
+    if problem.kind == "duplicate-key":
+        return Finding(source, problem.line, "duplicate-key",
+                       f"duplicate key '{problem.key}' (first at line {problem.first_line}); each key may appear once")
+    return Finding(source, problem.line, "yaml", f"not valid YAML: {problem.detail}")
 
 
 # ----------------------------------------------------------------------------------------------- schema
 
 
-@lru_cache(maxsize=1)
-def _validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
-_JSON_TYPE_WORDS = {
-    "object": "a mapping", "array": "a list", "string": "a string", "number": "a number",
-    "integer": "an integer", "boolean": "true or false", "null": "nothing",
-}
 _REQUIRED_HINTS = {
     "default": "a rule set must say what to show when no rule matches, e.g. default: {step: $next_step}",
     "changelog": "say what changed in this version and why",
@@ -229,19 +178,12 @@ _PATTERN_HINTS = {
 }
 
 
-def _where(path: JsonPath) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "top level"
-
-
 def _describe(value: Any) -> str:
     kind = {dict: "a mapping", list: "a list", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
     return f"{kind.get(type(value), type(value).__name__)} ({json.dumps(value, default=str)[:60]})"
 
 
-def _schema_findings(error: jsonschema.ValidationError, lines: _Lines, source: str) -> list[Finding]:
+def _schema_findings(error: jsonschema.ValidationError, lines: LineMap, source: str) -> list[Finding]:
     """One jsonschema error -> findings that name the line, what is wrong and what is expected."""
     path: JsonPath = tuple(error.absolute_path)
     where = _where(path)
@@ -272,7 +214,7 @@ def _schema_findings(error: jsonschema.ValidationError, lines: _Lines, source: s
         return [finding("not-allowed", f"{where}: not allowed here")]
     if kind == "type":
         expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        words = " or ".join(_JSON_TYPE_WORDS.get(t, t) for t in expected)
+        words = " or ".join(TYPE_WORDS.get(t, t) for t in expected)
         hint = "; quote it" if "string" in expected and not isinstance(instance, (dict, list)) else ""
         if "between" in error.schema.get("properties", {}):  # a condition's field test given a bare value
             hint = f"; write an operator mapping such as {path[-1]}: {{eq: {json.dumps(instance, default=str)}}}"
@@ -291,9 +233,9 @@ def _schema_findings(error: jsonschema.ValidationError, lines: _Lines, source: s
     return [finding("schema", f"{where}: {error.message}")]
 
 
-def validate_against_schema(data: Any, lines: _Lines, source: str) -> list[Finding]:
+def validate_against_schema(data: Any, lines: LineMap, source: str) -> list[Finding]:
     findings: list[Finding] = []
-    for error in _validator().iter_errors(data):
+    for error in schema_validator(SCHEMA_PATH).iter_errors(data):
         findings.extend(_schema_findings(error, lines, source))
     return findings
 
@@ -304,7 +246,7 @@ def validate_against_schema(data: Any, lines: _Lines, source: str) -> list[Findi
 class _Builder:
     """Validated data -> dataclasses, collecting the cross-reference findings a schema cannot express."""
 
-    def __init__(self, lines: _Lines, source: str) -> None:
+    def __init__(self, lines: LineMap, source: str) -> None:
         self.lines = lines
         self.source = source
         self.findings: list[Finding] = []
