@@ -38,7 +38,7 @@ from pyflink.table import StreamTableEnvironment
 # `flink run -py jobs/personalize.py` puts jobs/ first on sys.path; the project root must be importable too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.config import OnrampConfig, load_config  # noqa: E402
+from jobs.config import REPO_ROOT, OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
 from udfs.flink_functions import AUDIT, BYTES, DEAD_LETTERS, IDENTITY, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
@@ -148,32 +148,68 @@ def _bundle_version(bundle_dir: Path) -> str:
     return str(manifest.get("version") or Path(bundle_dir).name)
 
 
-def resolve_experiments(cfg: OnrampConfig, rules_version: str, model_version: str) -> tuple[str | None, str | None]:
-    """The experiments file the job ships with: (YAML text, absolute path to follow), or (None, None) when
-    ``experiments_file`` is "none". Validated here, at the client, so a broken file fails the submission; so does
-    a running arm that pins another rule set or model bundle than the job's, since the job runs one of each."""
-    from jobs.config import NO_EXPERIMENTS
+class ArmAssets(NamedTuple):
+    """What the experiments' arms pin, shipped with the job: rule set texts and model bundle files by version."""
+
+    rules: dict[str, str]
+    bundles: dict[str, dict[str, bytes]]
+
+
+def _rule_files_by_version(rules_dir: Path) -> dict[str, Path]:
+    """The YAML rule sets next to the configured one, by their ``version``."""
+    from udfs.rules.model import RuleSetError, load_ruleset
+
+    found: dict[str, Path] = {}
+    for path in sorted(rules_dir.glob("*.yaml")):
+        try:
+            found.setdefault(load_ruleset(path).version, path)
+        except (RuleSetError, OSError):
+            continue  # not a rule set (the experiments file lives here too) or a broken one: not a candidate
+    return found
+
+
+def resolve_experiments(cfg: OnrampConfig, rules_version: str,
+                        model_version: str) -> tuple[str | None, str | None, ArmAssets]:
+    """The experiments file the job ships with: (YAML text, absolute path to follow, what its arms pin), or
+    (None, None, empty) when ``experiments_file`` is "none". Validated here, at the client, so a broken file
+    fails the submission. An arm may pin a rule set version (a YAML rule set in the directory of ``rules_file``
+    with that ``version``) or a model bundle version (a bundle in the registry, ``model_dir``); both ship with
+    the job, and a version that cannot be found fails the submission."""
+    from jobs.config import BUILTIN_RULES, NO_EXPERIMENTS
     from udfs.experiments import ExperimentConfigError, parse_experiments
 
+    assets = ArmAssets({}, {})
     if cfg.experiments_file == NO_EXPERIMENTS:
-        return None, None
+        return None, None, assets
     path = Path(cfg.experiments_file).resolve()
     text = path.read_text()
     experiments = parse_experiments(text, str(path))
+    wanted_rules = {arm.changes.rules_version for exp in experiments.experiments.values() if exp.enabled
+                    for arm in exp.arms if arm.changes.rules_version and arm.changes.rules_version != rules_version}
+    wanted_models = {arm.changes.model_version for exp in experiments.experiments.values() if exp.enabled
+                     for arm in exp.arms if arm.changes.model_version and arm.changes.model_version != model_version}
     problems = []
-    for exp in experiments.experiments.values():
-        if not exp.enabled:
-            continue
-        for arm in exp.arms:
-            pinned = (("rules_version", arm.changes.rules_version, rules_version),
-                      ("model_version", arm.changes.model_version, model_version))
-            problems += [f"{path}: experiment {exp.id}, arm {arm.id}: {name} {want} is not the job's ({have}); the "
-                         "job runs one rule set and one model bundle, so arms may only differ in control and "
-                         "content_variant" for name, want, have in pinned if want and want != have]
+    if wanted_rules:
+        rules_dir = (Path(cfg.rules_file) if cfg.rules_file != BUILTIN_RULES else REPO_ROOT / "rules" / "x").parent
+        files = _rule_files_by_version(rules_dir)
+        for version in sorted(wanted_rules):
+            if version in files:
+                assets.rules[version] = files[version].read_text()
+            else:
+                problems.append(f"{path}: an arm pins rules_version {version}, but no rule set in {rules_dir} has "
+                                f"that version (found: {', '.join(sorted(files)) or 'none'})")
+    for version in sorted(wanted_models):
+        bundle_dir = Path(cfg.model_dir) / version
+        if (bundle_dir / "model.onnx").is_file():
+            assets.bundles[version] = read_bundle_files(bundle_dir)
+        else:
+            problems.append(f"{path}: an arm pins model_version {version}, but {cfg.model_dir} has no such bundle "
+                            "(`onramp models list`)")
     if problems:
         raise ExperimentConfigError(problems)
-    log.info("experiments %s (%s)", experiments.version, path)
-    return text, str(path)
+    log.info("experiments %s (%s); arms pin rule sets %s and model bundles %s", experiments.version, path,
+             sorted(assets.rules) or "none", sorted(assets.bundles) or "none")
+    return text, str(path), assets
 
 
 def key_by_routing_key(records: DataStream) -> KeyedStream:
@@ -206,8 +242,8 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     bundle_dir = resolve_bundle(cfg, bundle_path)
     bundle_files = read_bundle_files(bundle_dir)
     rules_text, rules_path = resolve_rules(cfg)
-    experiments_text, experiments_path = resolve_experiments(cfg, _rules_version(rules_text, rules_path),
-                                                             _bundle_version(bundle_dir))
+    experiments_text, experiments_path, arm_assets = resolve_experiments(
+        cfg, _rules_version(rules_text, rules_path), _bundle_version(bundle_dir))
     decisions = (
         key_by_routing_key(records)
         .process(
@@ -220,7 +256,8 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         key_file=str(Path(cfg.pseudonym_key_file).resolve()), alias_window_ms=cfg.alias_window_ms,
                         experiments_text=experiments_text, experiments_path=experiments_path,
                         experiments_reload_interval_ms=cfg.experiments_reload_interval_ms,
-                        state_ttl_ms=cfg.state_ttl_ms),
+                        state_ttl_ms=cfg.state_ttl_ms, arm_rules=arm_assets.rules,
+                        arm_bundles=arm_assets.bundles),
             output_type=BYTES,
         )
         .uid("personalize")

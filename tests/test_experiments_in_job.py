@@ -84,15 +84,59 @@ def test_a_weight_change_moves_nobody_already_assigned():
         assert after.decide(profile, event, subject=f"p-{i}")["experiments"] == first
 
 
-def test_arms_pinning_another_rule_set_are_refused_at_submission(tmp_path):
-    path = tmp_path / "experiments.yaml"
-    path.write_text(TWO_ARMS.replace("content_variant: friendly", "rules_version: other-rules"))
-    cfg = load_config({"experiments_file": str(path)}, environ={})
-    with pytest.raises(ExperimentConfigError, match="rules_version other-rules is not the job's"):
+def test_arms_pin_rule_sets_and_bundles_that_ship_with_the_job(tmp_path):
+    import shutil
+
+    from jobs.config import REPO_ROOT
+
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    shipped = (REPO_ROOT / "rules" / "onboarding.yaml").read_text()
+    (rules_dir / "onboarding.yaml").write_text(shipped)
+    import re
+    compact = re.sub(r'(?m)^version: .*$', 'version: "2026.12.01-compact"', shipped)
+    (rules_dir / "compact.yaml").write_text(compact)
+    shutil.copytree(REPO_ROOT / "rules" / "templates", rules_dir / "templates")
+    path = rules_dir / "experiments.yaml"
+    path.write_text(TWO_ARMS.replace("content_variant: friendly", "rules_version: 2026.12.01-compact"))
+    cfg = load_config({"experiments_file": str(path), "rules_file": str(rules_dir / "onboarding.yaml"),
+                       "model_dir": str(tmp_path / "models")}, environ={})
+    text, followed, assets = resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
+    assert followed == str(path.resolve()) and set(assets.rules) == {"2026.12.01-compact"} and not assets.bundles
+
+    path.write_text(TWO_ARMS.replace("content_variant: friendly", "rules_version: nowhere-1"))
+    with pytest.raises(ExperimentConfigError, match="pins rules_version nowhere-1, but no rule set"):
         resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
-    path.write_text(TWO_ARMS)
-    text, followed = resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
-    assert text == TWO_ARMS and followed == str(path.resolve())
+    path.write_text(TWO_ARMS.replace("content_variant: friendly", "model_version: m-missing"))
+    with pytest.raises(ExperimentConfigError, match="pins model_version m-missing, but .* has no such bundle"):
+        resolve_experiments(cfg, rules_version="2026.11.30-1", model_version="m-1")
+
+
+def test_an_arm_decides_with_the_rule_set_and_model_it_pins():
+    from udfs.rules.compiler import compile_rules_text
+    from jobs.config import REPO_ROOT
+
+    class ArmScorer(FixedScorer):
+        version = "m-arm"
+
+    shipped = (REPO_ROOT / "rules" / "onboarding.yaml").read_text()
+    base = compile_rules_text(shipped, "onboarding.yaml")
+    arm_rules = compile_rules_text(shipped.replace(f'version: "{base.version}"', 'version: "r-arm"'), "arm.yaml")
+    experiments = parse_experiments(TWO_ARMS.replace("content_variant: friendly",
+                                                     "rules_version: r-arm, model_version: m-arm"), "t.yaml")
+    personalizer = Personalizer(FixedScorer(), 3_600_000.0, base, experiments=experiments,
+                                arm_rules={"r-arm": arm_rules}, arm_scorers={"m-arm": ArmScorer()})
+    seen = set()
+    for i in range(200):
+        profile, event = Profile(), _consenting(f"u-{i}")
+        personalizer.fold(profile, event)
+        d = personalizer.decide(profile, event, subject=f"s-{i}")
+        arm = d["experiments"]["tone"]
+        want = ("r-arm", "m-arm") if arm == "friendly" else (base.version, "m-test")
+        assert (d["rules_version"], d["model_version"]) == want
+        assert not any(r.startswith("experiment_arm_not_applied") for r in d["reasons"])
+        seen.add(arm)
+    assert seen == {"formal", "friendly"}
 
 
 def test_the_running_function_follows_the_experiments_file(tmp_path, monkeypatch):

@@ -130,7 +130,8 @@ class Personalize(KeyedProcessFunction):
                  control_topic: str = "", audit: bool = False, key_file: str | None = None,
                  alias_window_ms: int = 24 * 3_600_000, experiments_text: str | None = None,
                  experiments_path: str | None = None, experiments_reload_interval_ms: int = 0,
-                 state_ttl_ms: int = 0):
+                 state_ttl_ms: int = 0, arm_rules: dict[str, str] | None = None,
+                 arm_bundles: dict[str, dict[str, bytes]] | None = None):
         self.bundle_files = bundle_files
         self.gc_freeze = gc_freeze
         self.control_topic = control_topic
@@ -140,6 +141,8 @@ class Personalize(KeyedProcessFunction):
         self.key_id = ""
         self.alias_window_ms = alias_window_ms
         self.state_ttl_ms = state_ttl_ms
+        self.arm_rules = arm_rules or {}  # rule set texts that experiment arms pin, by version
+        self.arm_bundles = arm_bundles or {}  # model bundle files that experiment arms pin, by version
         self.experiments_text = experiments_text
         self.experiments_path = experiments_path
         self.experiments_reload_interval_ms = experiments_reload_interval_ms if experiments_path else 0
@@ -172,10 +175,14 @@ class Personalize(KeyedProcessFunction):
         experiments = (parse_experiments(self.experiments_text, self.experiments_path or "experiments")
                        if self.experiments_text else EMPTY_SET)
         log.info("personalize: experiments %s", experiments.version)
-        self.personalizer = Personalizer(bundle, self.half_life_ms, rules, self.profile_policy, experiments)
+        self.personalizer = Personalizer(
+            bundle, self.half_life_ms, rules, self.profile_policy, experiments,
+            arm_rules={v: compile_rules_text(text, f"{self.rules_path or 'rules'} (version {v})")
+                       for v, text in self.arm_rules.items()},
+            arm_scorers={v: ModelBundle.load(materialize_bundle(files)) for v, files in self.arm_bundles.items()})
         self.experiments_watcher = RulesWatcher(Path(self.experiments_path or "."), self.experiments_reload_interval_ms,
                                                 content_sha(self.experiments_text) if self.experiments_text else None,
-                                                parse_experiments, label="experiments")
+                                                self._parse_followed_experiments, label="experiments")
         self.rules_watcher = RulesWatcher(Path(self.rules_path or "."), self.rules_reload_interval_ms,
                                           content_sha(self.rules_text) if self.rules_text else None, compile_rules_text)
         self.watcher = BundleWatcher(Path(self.model_dir or "."), self.reload_interval_ms,
@@ -386,6 +393,23 @@ class Personalize(KeyedProcessFunction):
         if counter is None:
             counter = self.dead_letter_counters[code] = self.metrics.counter(f"dead_letters_{code}")
         counter.inc()
+
+    def _parse_followed_experiments(self, text: str, source: str) -> Any:
+        """A new experiments file for the running job: refused (the job keeps its experiments) if a running arm
+        pins a rule set or model bundle the job was not submitted with; resubmit to ship new ones."""
+        experiments = parse_experiments(text, source)
+        p = self.personalizer
+        missing = sorted(
+            f"{exp.id}/{arm.id}: {kind} {version}"
+            for exp in experiments.experiments.values() if exp.enabled for arm in exp.arms
+            for kind, version, have in (("rules_version", arm.changes.rules_version, {p.rules_version, *p.arm_rules}),
+                                        ("model_version", arm.changes.model_version,
+                                         {p.model_version, *p.arm_scorers}))
+            if version and version not in have)
+        if missing:
+            raise ValueError("arms pin versions this job was not submitted with (resubmit to ship them): "
+                             + "; ".join(missing))
+        return experiments
 
     def _version_gauges(self) -> None:
         """``model_version.<v>.in_use`` / ``rules_version.<v>.in_use`` / ``experiments_version.<v>.in_use``: 1 for

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from udfs.experiments import EMPTY_SET, NO_CHANGES, ArmChanges, ExperimentSet
@@ -62,6 +62,9 @@ class Personalizer:
     rules: RuleSet | None = None
     policy: ProfilePolicy = DEFAULT_POLICY
     experiments: ExperimentSet = EMPTY_SET
+    # rule sets and model bundles that experiment arms pin, by version (the job ships them; see resolve_experiments)
+    arm_rules: dict[str, RuleSet] = field(default_factory=dict)
+    arm_scorers: dict[str, Scorer] = field(default_factory=dict)
 
     @property
     def rules_version(self) -> str:
@@ -99,13 +102,22 @@ class Personalizer:
             interest = interest_scores(profile, now, self.half_life_ms, features)
             top_topic = max(interest, key=interest.__getitem__) if interest else None
         changes = self._experiment_arms(profile, event, segment_id, subject)
+        rules, rules_version, model_version = self.rules, self.rules_version, self.model_version
+        if changes is not NO_CHANGES:
+            arm_scorer = self.arm_scorers.get(changes.model_version or "")
+            if arm_scorer is not None and personalized:  # the arm's model scores the same features
+                scores = arm_scorer.score(features)
+                segment_id, segment_name, churn_risk = scores.segment_id, scores.segment_name, scores.churn_risk
+                model_version = arm_scorer.version
+            if changes.rules_version in self.arm_rules:
+                rules, rules_version = self.arm_rules[changes.rules_version], changes.rules_version
         if personalized and changes.control:
             personalized = False
             choice = default_flow(profile)
             choice.reasons.append("experiment_control: the user's experiment arm is the default flow")
         elif personalized:
-            if self.rules is not None:
-                choice = self.rules.evaluate(rule_context(profile, features, scores, top_topic, event))
+            if rules is not None:
+                choice = rules.evaluate(rule_context(profile, features, scores, top_topic, event))
             else:
                 choice = choose_step(profile, segment_name, churn_risk, top_topic)
         else:
@@ -115,9 +127,9 @@ class Personalizer:
                 "no_consent: user has not consented to personalization"
             )
         if changes is not NO_CHANGES:
-            self._apply_arm(choice, changes)
+            self._apply_arm(choice, changes, rules_version, model_version)
         return self._record(event, choice, segment_id, segment_name, churn_risk, interest, personalized, decided_at_ms,
-                            profile.experiments)
+                            profile.experiments, model_version, rules_version)
 
     def _experiment_arms(self, profile: Profile, event: dict[str, Any], segment_id: int,
                          subject: str | None) -> ArmChanges:
@@ -135,15 +147,15 @@ class Personalizer:
         profile.experiments = experiments.assign(who, context, now, profile.experiments)
         return experiments.changes_for(profile.experiments, now)
 
-    def _apply_arm(self, choice: StepChoice, changes: ArmChanges) -> None:
-        """What an arm changes beyond control: the content variant. An arm pinning another rule set or model
-        bundle than the one running is named in the reasons (the job runs one of each; jobs/personalize.py
-        refuses such a file at submission)."""
+    def _apply_arm(self, choice: StepChoice, changes: ArmChanges, rules_version: str, model_version: str) -> None:
+        """The arm's content variant; an arm pinning a rule set or bundle the job did not ship (a file changed at
+        runtime: the job refuses such a reload, so this is a safety net) is named in the reasons."""
         if changes.content_variant:
             choice.content_variant = changes.content_variant
-        if changes.rules_version and changes.rules_version != self.rules_version:
+        if changes.rules_version and changes.rules_version != rules_version:
             choice.reasons.append(f"experiment_arm_not_applied: rules_version {changes.rules_version} is not loaded")
-        if changes.model_version and changes.model_version != self.model_version:
+        if (changes.model_version and changes.model_version != self.model_version
+                and changes.model_version not in self.arm_scorers):
             choice.reasons.append(f"experiment_arm_not_applied: model_version {changes.model_version} is not loaded")
 
     def erased(self, event: dict[str, Any], decided_at_ms: int | None = None) -> dict[str, Any]:
@@ -162,6 +174,8 @@ class Personalizer:
         personalized: bool,
         decided_at_ms: int | None,
         experiments: dict[str, str],
+        model_version: str | None = None,
+        rules_version: str | None = None,
     ) -> dict[str, Any]:
         return {
             "decision_id": decision_id_for(event["event_id"]),
@@ -175,8 +189,8 @@ class Personalizer:
             "churn_risk": float(churn_risk),
             "interest": interest,
             "personalized": personalized,
-            "model_version": self.model_version,
-            "rules_version": self.rules_version,
+            "model_version": model_version or self.model_version,
+            "rules_version": rules_version or self.rules_version,
             "experiments": experiments,
             "reasons": choice.reasons,
             "event_time": event["event_time"],
