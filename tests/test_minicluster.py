@@ -74,12 +74,18 @@ def test_keyed_job_decides_every_valid_event_and_dead_letters_the_rest(trained_m
 
     rules = compile_rules_text(Path(cfg.rules_file).read_text(), cfg.rules_file)
     assert {d["rules_version"] for d in decisions} == {rules.version}
-    personalizer = Personalizer(bundle, cfg.interest_half_life_hours * 3_600_000.0, rules)
+    from udfs.experiments import load_experiments
+    from udfs.pseudonym import load_key
+
+    key = load_key(cfg.pseudonym_key_file)  # the job hashes experiment arms on the pseudonym, so must the replay
+    personalizer = Personalizer(bundle, cfg.interest_half_life_hours * 3_600_000.0, rules,
+                                experiments=load_experiments(cfg.experiments_file))
     profiles: dict[str, Profile] = {}
     expected = {}
     for event in events:
         profile = personalizer.update(profiles.setdefault(event["user_id"], Profile()), event)
-        expected[event["event_id"]] = personalizer.decide(profile, event, decided_at_ms=0)
+        expected[event["event_id"]] = personalizer.decide(profile, event, decided_at_ms=0,
+                                                          subject=key.user(event["user_id"]))
     for decision in decisions:
         want = expected[decision["event_id"]]
         assert {**decision, "decided_at": 0, "churn_risk": pytest.approx(want["churn_risk"], abs=1e-6)} == want

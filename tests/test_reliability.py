@@ -144,8 +144,12 @@ def reference_decisions(cfg: OnrampConfig, segments: list[tuple[str, list[dict[s
     from udfs.profile_state import Profile
     from udfs.rules.compiler import compile_rules_text
 
+    from udfs.experiments import load_experiments
+    from udfs.pseudonym import load_key
+
+    key = load_key(cfg.pseudonym_key_file)  # the job hashes experiment arms on the pseudonym, so must the replay
     personalizer = Personalizer(ModelBundle.load(resolve_bundle(cfg)), cfg.interest_half_life_hours * 3_600_000.0,
-                                None, cfg.profile_policy())
+                                None, cfg.profile_policy(), load_experiments(cfg.experiments_file))
     profiles: dict[str, Profile] = {}
     out: dict[str, dict] = {}
     for rules_file, events in segments:
@@ -153,7 +157,7 @@ def reference_decisions(cfg: OnrampConfig, segments: list[tuple[str, list[dict[s
         for event in events:
             profile = profiles.setdefault(event["user_id"], Profile())
             if personalizer.fold(profile, event):
-                out[event["event_id"]] = personalizer.decide(profile, event)
+                out[event["event_id"]] = personalizer.decide(profile, event, subject=key.user(event["user_id"]))
     return out
 
 
