@@ -138,6 +138,7 @@ def test_personalize_job_reads_and_writes_over_tls(tls_broker, trained_model_dir
     from jobs.kafka_io import make_producer, produce, read_records
     from jobs.personalize import build_kafka_job
     from jobs.provision import flink_job_jars
+    from udfs.pseudonym import ensure_key_file
     from udfs.avro_codec import decision_codec
 
     name = f"tls-job-{protocol.lower()}"
@@ -146,6 +147,7 @@ def test_personalize_job_reads_and_writes_over_tls(tls_broker, trained_model_dir
                   control_topic=f"{name}-control", group_id=name)
     cfg = cfg.replace(extra={"flink.restart-strategy.type": "none"})
     ensure_topics(cfg, cfg.job_topics())
+    ensure_key_file(cfg.pseudonym_key_file)  # the mini-cluster's routing key reads it (`onramp up` makes it)
     events = generated_events(5, seed=17)
     producer = make_producer(cfg)
     produce(producer, cfg.input_topic, encode_events(events))
