@@ -47,6 +47,8 @@ HOST_SPECIFIC_FLINK_KEYS = {
     "jobmanager.rpc.address", "jobmanager.memory.process.size", "taskmanager.memory.process.size",
     "execution.checkpointing.dir", "execution.checkpointing.savepoint-dir", "python.executable",
     "python.client.executable", "python.pythonpath",
+    # locally the JobManager and the TaskManager share a host, so each takes a port of a range; one per pod on k8s
+    "metrics.reporter.prom.port",
 }
 
 
