@@ -54,6 +54,9 @@ class FakeCounter:
     def inc(self, n: int = 1) -> None:
         self.count += n
 
+    def dec(self, n: int = 1) -> None:
+        self.count -= n
+
 
 class FakeMetrics:
     """The operator's metric group: counters by name, created on demand (and how often each was created)."""
@@ -104,7 +107,11 @@ def _function(scorer=None, policy=None, audit: bool = False) -> Personalize:
     fn.identity_state = FakeState()
     fn.identity_messages = FakeCounter()
     fn.latency = FakeDistribution()
-    fn.versions_seen = set()
+    fn.version_counters, fn.versions_active = {}, {}
+    from udfs import gc_pauses
+    fn.gc_recorder = gc_pauses.install()
+    fn.gc_reported = (fn.gc_recorder.collections[2], int(fn.gc_recorder.total_pause_ms[2]))
+    fn.gc_collections_counter, fn.gc_pause_counter = FakeCounter(), FakeCounter()
     fn.personalizer = Personalizer(scorer, 3_600_000.0, None, fn.profile_policy)
     fn.profile_state = FakeState()
     fn.metrics = FakeMetrics()
@@ -188,8 +195,13 @@ def test_erasure_clears_the_profile():
 def test_metrics_name_the_versions_in_use_and_time_each_decision():
     fn = _function()
     fn._version_gauges()
-    gauges = {key: group.gauges["in_use"]() for key, group in fn.metrics.groups.items()}
-    assert gauges == {("model_version", "none"): 1, ("rules_version", fn.personalizer.rules_version): 1,
+    in_use = {key: group.counters["in_use"].count for key, group in fn.metrics.groups.items()}
+    assert in_use == {("model_version", "none"): 1, ("rules_version", fn.personalizer.rules_version): 1,
                       ("experiments_version", "none"): 1}
+    fn.personalizer.rules = type("R", (), {"version": "r-next"})()  # a hot reload swapped the rule set
+    fn._version_gauges()
+    in_use = {key: group.counters["in_use"].count for key, group in fn.metrics.groups.items()}
+    assert in_use[("rules_version", "r-next")] == 1 and in_use[("model_version", "none")] == 1
+    assert sum(v for (name, _), v in in_use.items() if name == "rules_version") == 1  # the old one went to 0
     _run(fn, event_codec().encode(make_event("signup")))
     assert len(fn.latency.values) == 1 and fn.latency.values[0] >= 0

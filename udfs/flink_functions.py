@@ -215,13 +215,15 @@ class Personalize(KeyedProcessFunction):
         self.experiments_refusals = metrics.counter("experiments_reload_refusals")
         # event time -> decision (processing time): what the app waits, give or take client clock skew and the sink
         self.latency = metrics.distribution("event_to_decision_ms")
-        self.versions_seen: set[tuple[str, str]] = set()
+        self.version_counters: dict[tuple[str, str], Any] = {}
+        self.versions_active: dict[str, tuple[str, Any]] = {}
         self._version_gauges()
         if self.gc_freeze:
             gc_pauses.freeze_startup_heap()  # last: everything open() loaded is long-lived
-        pauses = gc_pauses.install()  # after the freeze's own collection: counts what the job's work causes
-        metrics.gauge("gc_full_collections", pauses.full_collections)
-        metrics.gauge("gc_max_full_pause_ms", lambda: int(pauses.max_full_pause_ms()))
+        self.gc_recorder = gc_pauses.install()  # after the freeze's own collection: counts what the job's work causes
+        self.gc_reported = (self.gc_recorder.collections[2], int(self.gc_recorder.total_pause_ms[2]))
+        self.gc_collections_counter = metrics.counter("gc_full_collections")
+        self.gc_pause_counter = metrics.counter("gc_full_pause_ms")
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         if record[1] == self.control_topic and self.control_topic:
@@ -235,6 +237,8 @@ class Personalize(KeyedProcessFunction):
         if self.experiments_watcher.due(now_ms):
             self._follow(self.experiments_watcher, "experiments", self.experiments_reloads, self.experiments_refusals,
                          now_ms)
+        if self.gc_recorder.collections[2] != self.gc_reported[0]:
+            self._sync_gc_counters()
         try:
             event = decode_event(self.event_codec, record[0], now_ms, self.limits)
         except InvalidEvent as exc:
@@ -414,16 +418,36 @@ class Personalize(KeyedProcessFunction):
     def _version_gauges(self) -> None:
         """``model_version.<v>.in_use`` / ``rules_version.<v>.in_use`` / ``experiments_version.<v>.in_use``: 1 for
         the version deciding now, 0 for one it replaced. Versions are strings, so they travel as metric group
-        variables (labels for the Prometheus reporter), the way Flink exposes such facts."""
+        variables (labels for the Prometheus reporter), the way Flink exposes such facts.
+
+        Counters (incremented when a version takes over, decremented when it is replaced), not gauges: a Python
+        gauge is a callback Flink's metric thread makes into the embedded interpreter, which crashed a TaskManager
+        (SIGSEGV in ``_PyEvalFramePushAndInit`` from ``MetricGauge.getValue``) when metrics were queried while the
+        operator closed. Counters are plain JVM objects the metric thread reads without Python."""
         personalizer = self.personalizer
-        for name, current in (("model_version", lambda: personalizer.model_version),
-                              ("rules_version", lambda: personalizer.rules_version),
-                              ("experiments_version", lambda: personalizer.experiments.version)):
-            version = current()
-            if (name, version) not in self.versions_seen:
-                self.versions_seen.add((name, version))
-                self.metrics.add_group(name, version).gauge(
-                    "in_use", lambda current=current, version=version: int(current() == version))
+        for name, version in (("model_version", personalizer.model_version),
+                              ("rules_version", personalizer.rules_version),
+                              ("experiments_version", personalizer.experiments.version)):
+            active = self.versions_active.get(name)
+            if active is not None and active[0] == version:
+                continue
+            if active is not None:
+                active[1].dec()
+            counter = self.version_counters.get((name, version))
+            if counter is None:
+                counter = self.version_counters[(name, version)] = self.metrics.add_group(name, version).counter("in_use")
+            counter.inc()
+            self.versions_active[name] = (version, counter)
+
+    def _sync_gc_counters(self) -> None:
+        """Bring ``gc_full_collections`` / ``gc_full_pause_ms`` up to what :mod:`udfs.gc_pauses` recorded (on the
+        task thread, between two events: see :meth:`_version_gauges` for why not gauges)."""
+        pauses = self.gc_recorder
+        collections, pause_ms = pauses.collections[2], int(pauses.total_pause_ms[2])
+        if collections != self.gc_reported[0]:
+            self.gc_collections_counter.inc(collections - self.gc_reported[0])
+            self.gc_pause_counter.inc(pause_ms - self.gc_reported[1])
+            self.gc_reported = (collections, pause_ms)
 
     def _follow(self, watcher: Any, attribute: str, reloads: Any, refusals: Any, now_ms: int) -> None:
         """Swap the personalizer's ``attribute`` (scorer or rules) between two events when ``watcher`` (see
