@@ -35,7 +35,7 @@ from experiments.records import UserOutcome
 from experiments.stats import (
     NAN, BayesResult, Comparison, CupedResult, Interval, SequentialResult, SrmResult,
 )
-from udfs.experiments.config import Experiment
+from udfs.experiment_arms.config import Experiment
 
 PRIMARY = "completion"
 METRICS: tuple[tuple[str, str], ...] = (

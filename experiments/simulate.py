@@ -6,7 +6,7 @@ would first have to be aggregated from their events; the statistical acceptance 
 repetitions. So this is a documented parametric simulation, seeded (numpy ``default_rng(seed)``), calibrated to
 the generator where it matters:
 
-* arm: the real assignment hash of the experiment (:func:`udfs.experiments.assignment.arm_bucket`), so the arm
+* arm: the real assignment hash of the experiment (:func:`udfs.experiment_arms.assignment.arm_bucket`), so the arm
   shares follow the configured weights exactly as in the job -- or, to inject a sample-ratio mismatch, a given
   ``split`` drawn at random;
 * completion ~ Bernoulli(baseline_completion + completion_effect[arm]); the default baseline 0.67 is the share of
@@ -29,8 +29,8 @@ import numpy as np
 
 from experiments import stats
 from experiments.records import UserOutcome
-from udfs.experiments.assignment import arm_bucket
-from udfs.experiments.config import Experiment
+from udfs.experiment_arms.assignment import arm_bucket
+from udfs.experiment_arms.config import Experiment
 
 DAY_MS = 86_400_000
 

@@ -115,7 +115,7 @@ class OnrampConfig:
     # job re-reads the file at most every rules_reload_interval_ms (0: never)
     rules_file: str = str(REPO_ROOT / "rules" / "onboarding.yaml")
     rules_reload_interval_ms: int = 1000
-    # Experiments: a YAML experiments file (udfs/experiments/experiments.schema.json, docs/experiments.md), or
+    # Experiments: a YAML experiments file (udfs/experiment_arms/experiments.schema.json, docs/experiments.md), or
     # "none" for no experiments; the running job re-reads it at most every experiments_reload_interval_ms (0: never)
     experiments_file: str = str(REPO_ROOT / "rules" / "experiments.yaml")
     experiments_reload_interval_ms: int = 1000

@@ -32,7 +32,7 @@ def _experiment_report(cfg: OnrampConfig) -> str | None:
     make an underpowered test; the report says so."""
     from jobs.config import NO_EXPERIMENTS
     from jobs.experiments_cli import topic_outcomes
-    from udfs.experiments import load_experiments
+    from udfs.experiment_arms import load_experiments
 
     if cfg.experiments_file == NO_EXPERIMENTS:
         return None

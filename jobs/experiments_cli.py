@@ -21,7 +21,7 @@ log = logging.getLogger("onramp")
 def _experiments_path(cfg: OnrampConfig, given: str | None) -> Path:
     path = given or cfg.experiments_file
     if path == NO_EXPERIMENTS:
-        from udfs.experiments.config import ExperimentConfigError
+        from udfs.experiment_arms.config import ExperimentConfigError
 
         raise ExperimentConfigError(["experiments_file is 'none': give the experiments file with --file"])
     return Path(path)
@@ -45,7 +45,7 @@ def _describe(experiments: Any, now_ms: int) -> list[str]:
 def cmd_experiments_lint(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     import time
 
-    from udfs.experiments import ExperimentConfigError, load_experiments
+    from udfs.experiment_arms import ExperimentConfigError, load_experiments
 
     paths = [Path(p) for p in args.files] or [_experiments_path(cfg, None)]
     failed = 0
@@ -144,7 +144,7 @@ def cmd_experiments_outcomes(cfg: OnrampConfig, args: argparse.Namespace) -> int
 def cmd_experiments_report(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from experiments.analysis import AnalysisConfig, analyze
     from experiments.report import format_report, write_html, write_png
-    from udfs.experiments import load_experiments
+    from udfs.experiment_arms import load_experiments
 
     experiment = load_experiments(_experiments_path(cfg, args.file)).experiment(args.experiment_id)
     outcomes = _outcomes_for(cfg, args, experiment)

@@ -114,7 +114,11 @@ def wait_running(cfg: OnrampConfig, job_id: str, timeout_s: float = 120.0) -> No
         job = rest(cfg, f"/jobs/{job_id}")
         state = job["state"]
         if state in ("FAILED", "CANCELED", "FINISHED", "RESTARTING"):
-            raise FlinkJobError(f"job {job_id} is {state}: {root_exception(cfg, job_id)}")
+            reason = root_exception(cfg, job_id)
+            if state == "RESTARTING":  # failing at start: it would restart forever and hold its slots
+                cancel(cfg, job_id)
+            raise FlinkJobError(f"job {job_id} is {state} (cancelled): {reason}" if state == "RESTARTING"
+                                else f"job {job_id} is {state}: {reason}")
         if state == "RUNNING" and all(v["status"] == "RUNNING" for v in job["vertices"]):
             return
         time.sleep(0.5)

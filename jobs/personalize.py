@@ -176,7 +176,7 @@ def resolve_experiments(cfg: OnrampConfig, rules_version: str,
     with that ``version``) or a model bundle version (a bundle in the registry, ``model_dir``); both ship with
     the job, and a version that cannot be found fails the submission."""
     from jobs.config import BUILTIN_RULES, NO_EXPERIMENTS
-    from udfs.experiments import ExperimentConfigError, parse_experiments
+    from udfs.experiment_arms import ExperimentConfigError, parse_experiments
 
     assets = ArmAssets({}, {})
     if cfg.experiments_file == NO_EXPERIMENTS:

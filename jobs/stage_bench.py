@@ -40,7 +40,7 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
     from jobs.config import NO_EXPERIMENTS
     from udfs.audit import decision_audit
     from udfs.avro_codec import audit_codec
-    from udfs.experiments import EMPTY_SET, load_experiments
+    from udfs.experiment_arms import EMPTY_SET, load_experiments
 
     experiments = EMPTY_SET if cfg.experiments_file == NO_EXPERIMENTS else load_experiments(cfg.experiments_file)
     audit_encode = audit_codec().encode

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from udfs.experiments import (
+from udfs.experiment_arms import (
     NO_CHANGES, ArmChanges, ExperimentSet, bucket, load_experiments, measure_assign_us, parse_experiments,
 )
 from jobs.config import REPO_ROOT
@@ -57,7 +57,7 @@ def test_assignment_is_deterministic_and_independent_of_context_and_sticky_order
 def test_arms_follow_the_weights_over_100k_users() -> None:
     es = _two_arm((70, 30))
     exp = es.experiment("pvc")
-    from udfs.experiments.assignment import arm_bucket
+    from udfs.experiment_arms.assignment import arm_bucket
 
     counts = {"personalized": 0, "control": 0}
     for i in range(100_000):

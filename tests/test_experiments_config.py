@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import REPO_ROOT, ConfigError, load_config
-from udfs.experiments import (
+from udfs.experiment_arms import (
     ArmChanges, ExperimentConfigError, load_experiments, parse_experiments,
 )
 

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.config import load_config
 from jobs.personalize import resolve_experiments
-from udfs.experiments import ExperimentConfigError, parse_experiments
+from udfs.experiment_arms import ExperimentConfigError, parse_experiments
 from udfs.personalizer import Personalizer
 from udfs.profile_state import Profile
 

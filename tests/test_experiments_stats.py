@@ -20,7 +20,7 @@ from experiments.records import (
 from experiments.report import format_report, render_html, write_html, write_png
 from experiments.simulate import SimulationSpec, simulate_outcomes, simulated_rejection_rate
 from jobs.config import REPO_ROOT
-from udfs.experiments import load_experiments, parse_experiments
+from udfs.experiment_arms import load_experiments, parse_experiments
 
 PVC = load_experiments(REPO_ROOT / "rules" / "experiments.yaml").experiment("personalization-vs-control")
 FAST = AnalysisConfig(bayes_draws=20_000)

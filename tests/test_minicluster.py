@@ -74,7 +74,7 @@ def test_keyed_job_decides_every_valid_event_and_dead_letters_the_rest(trained_m
 
     rules = compile_rules_text(Path(cfg.rules_file).read_text(), cfg.rules_file)
     assert {d["rules_version"] for d in decisions} == {rules.version}
-    from udfs.experiments import load_experiments
+    from udfs.experiment_arms import load_experiments
     from udfs.pseudonym import load_key
 
     key = load_key(cfg.pseudonym_key_file)  # the job hashes experiment arms on the pseudonym, so must the replay

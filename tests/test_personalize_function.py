@@ -12,7 +12,7 @@ from pyflink.common import Row
 
 from udfs.avro_codec import audit_codec, dead_letter_codec, decision_codec, event_codec
 from udfs.flink_functions import DEAD_LETTERS, Personalize
-from udfs.experiments import parse_experiments
+from udfs.experiment_arms import parse_experiments
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
 from udfs.rules_watch import RulesWatcher

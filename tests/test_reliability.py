@@ -144,7 +144,7 @@ def reference_decisions(cfg: OnrampConfig, segments: list[tuple[str, list[dict[s
     from udfs.profile_state import Profile
     from udfs.rules.compiler import compile_rules_text
 
-    from udfs.experiments import load_experiments
+    from udfs.experiment_arms import load_experiments
     from udfs.pseudonym import load_key
 
     key = load_key(cfg.pseudonym_key_file)  # the job hashes experiment arms on the pseudonym, so must the replay

@@ -54,7 +54,7 @@ def test_where_and_cached_validator():
 
 
 def test_a_tag_that_does_not_fit_its_text_is_a_yaml_problem_with_its_line():
-    from udfs.experiments import ExperimentConfigError, parse_experiments
+    from udfs.experiment_arms import ExperimentConfigError, parse_experiments
     from udfs.rules.model import RuleSetError, parse_ruleset
 
     for parse, error in ((parse_ruleset, RuleSetError), (parse_experiments, ExperimentConfigError)):

@@ -18,7 +18,7 @@ from pyflink.datastream.state import ValueStateDescriptor
 
 from udfs import control, gc_pauses
 from udfs.audit import decision_audit, erasure_audit, state_check_audit
-from udfs.experiments import EMPTY_SET, parse_experiments
+from udfs.experiment_arms import EMPTY_SET, parse_experiments
 from udfs.identity import (MESSAGE_MAGIC, Claim, Erase, Forward, Handoff, IdentityMessageError, Outcome, Reject,
                            decode_message, encode_message, identity_from_state, identity_to_state, message_key,
                            on_anon_event, on_claim, on_erase, on_erasure, on_forward, on_handoff, on_link, on_reject)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from udfs.experiments import EMPTY_SET, NO_CHANGES, ArmChanges, ExperimentSet
+from udfs.experiment_arms import EMPTY_SET, NO_CHANGES, ArmChanges, ExperimentSet
 from udfs.features import compute_features, interest_scores
 from udfs.next_step import RULES_VERSION, StepChoice, choose_step, default_flow
 from udfs.rules.fields import rule_context

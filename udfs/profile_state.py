@@ -88,7 +88,7 @@ class Profile:
     consent_analytics: bool | None = None
     consent_marketing: bool | None = None
     recent_event_ids: dict[int, int] = field(default_factory=dict)  # dedup.id_key(event_id) -> event_time, oldest first
-    experiments: dict[str, str] = field(default_factory=dict)  # experiment id -> arm, sticky (udfs/experiments)
+    experiments: dict[str, str] = field(default_factory=dict)  # experiment id -> arm, sticky (udfs/experiment_arms)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Profile))

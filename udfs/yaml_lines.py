@@ -1,6 +1,6 @@
 """YAML text -> plain data + a map from JSON path to line number (and the schema helpers that go with it).
 
-Why: rule sets (``udfs.rules.model``) and experiment files (``udfs.experiments.config``) are edited by hand, so
+Why: rule sets (``udfs.rules.model``) and experiment files (``udfs.experiment_arms.config``) are edited by hand, so
 every error message must name ``file:line`` of the key or item at fault. ``yaml.safe_load`` forgets lines and
 silently keeps the last of two duplicate keys, so :func:`compose_with_lines` builds the data from YAML *nodes*
 instead, recording each key's and item's line and collecting every bad key (not just the first).

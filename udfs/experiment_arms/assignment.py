@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping
 
-from udfs.experiments.config import BUCKETS, NO_CHANGES, ArmChanges, Experiment, ExperimentSet
+from udfs.experiment_arms.config import BUCKETS, NO_CHANGES, ArmChanges, Experiment, ExperimentSet
 
 _sha256 = hashlib.sha256
 

@@ -7,7 +7,7 @@ to fix it, in one :class:`ExperimentConfigError`:
 
 1. YAML is composed node by node so each key keeps its line (:mod:`udfs.yaml_lines`, shared with the rule-set
    loader); duplicate keys are errors. Unquoted YAML timestamps become ISO strings.
-2. The data is validated against ``udfs/experiments/experiments.schema.json``.
+2. The data is validated against ``udfs/experiment_arms/experiments.schema.json``.
 3. Checks a schema cannot express: unique layer, experiment and arm ids; weights > 0; start < stop; a layer's
    shares add up to at most 1; one baseline arm per experiment (``control: true`` or ``baseline: <arm id>``);
    crossed factors do not set the same change twice; a change key (rules_version / model_version /
@@ -128,7 +128,7 @@ class Layer:
 @dataclass(frozen=True)
 class ExperimentSet:
     """Every experiment of one file. :meth:`assign` and :meth:`changes_for` are the job's entry points
-    (implemented in :mod:`udfs.experiments.assignment`)."""
+    (implemented in :mod:`udfs.experiment_arms.assignment`)."""
 
     version: str
     layers: tuple[Layer, ...]
@@ -145,12 +145,12 @@ class ExperimentSet:
 
     def assign(self, pseudo_user_id: str, context: Mapping[str, Any], now_ms: int,
                sticky: Mapping[str, str]) -> dict[str, str]:
-        from udfs.experiments.assignment import assign
+        from udfs.experiment_arms.assignment import assign
 
         return assign(self, pseudo_user_id, context, now_ms, sticky)
 
     def changes_for(self, assignments: Mapping[str, str], now_ms: int) -> ArmChanges:
-        from udfs.experiments.assignment import changes_for
+        from udfs.experiment_arms.assignment import changes_for
 
         return changes_for(self, assignments, now_ms)
 

@@ -1,5 +1,9 @@
 """Experiments: which strategy a user gets, decided deterministically and remembered.
 
+Named ``experiment_arms``, not ``experiments``: ``flink run -pyfs`` puts each shipped directory itself on the
+workers' PYTHONPATH, so ``udfs/experiments`` would shadow the top-level ``experiments`` package (outcomes,
+analysis) in a TaskManager's interpreter, which keeps its modules across jobs.
+
 Format and semantics: :mod:`.config` (loading and validation, schema ``experiments.schema.json``; the shipped
 example is ``rules/experiments.yaml``) and :mod:`.assignment` (hashing, layers, stickiness). The job calls::
 
@@ -10,8 +14,8 @@ Only the standard library, PyYAML and jsonschema are used, because this package 
 Analysis (scipy, statsmodels) lives in the top-level ``experiments`` package.
 """
 
-from udfs.experiments.assignment import assign, bucket, changes_for, is_eligible, measure_assign_us
-from udfs.experiments.config import (
+from udfs.experiment_arms.assignment import assign, bucket, changes_for, is_eligible, measure_assign_us
+from udfs.experiment_arms.config import (
     BUCKETS, CHANGE_KEYS, ELIGIBILITY_FIELDS, EMPTY_SET, NO_CHANGES, Arm, ArmChanges, Experiment,
     ExperimentConfigError, ExperimentSet, Layer, load_experiments, parse_experiments,
 )
