@@ -242,17 +242,13 @@ class Personalize(KeyedProcessFunction):
         try:
             event = decode_event(self.event_codec, record[0], now_ms, self.limits)
         except InvalidEvent as exc:
-            self.rejected.inc()
-            self._count_dead_letter(exc.code)
-            yield DEAD_LETTERS, self._dead_letter(record, exc.code, exc.message)
+            yield self._rejected(record, exc.code, exc.message, self.rejected)
             return
         try:
             out = self._event(event, _subject(ctx), now_ms)
         except Exception as exc:  # one bad record must not crash the job: dead-letter it with the reason
-            self.failures.inc()
-            self._count_dead_letter(PROCESSING_ERROR)
             log.exception("personalize failed for event %s", event.get("event_id"))
-            yield DEAD_LETTERS, self._dead_letter(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
+            yield self._rejected(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.failures)
             return
         yield from out
 
@@ -361,15 +357,11 @@ class Personalize(KeyedProcessFunction):
             try:
                 out = self._identity_message(record, _subject(ctx))
             except IdentityMessageError as exc:
-                self.rejected.inc()
-                self._count_dead_letter(control.INVALID_CONTROL_MESSAGE)
-                yield DEAD_LETTERS, self._dead_letter(record, control.INVALID_CONTROL_MESSAGE, str(exc))
+                yield self._rejected(record, control.INVALID_CONTROL_MESSAGE, str(exc), self.rejected)
                 return
             except Exception as exc:  # as for events: dead-letter, never crash the job
-                self.failures.inc()
-                self._count_dead_letter(PROCESSING_ERROR)
                 log.exception("identity message failed")
-                yield DEAD_LETTERS, self._dead_letter(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
+                yield self._rejected(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.failures)
                 return
             yield from out
             return
@@ -385,11 +377,16 @@ class Personalize(KeyedProcessFunction):
                                         self.personalizer.model_version,
                                         self.personalizer.rules_version)
         except control.ControlMessageError as exc:
-            self.rejected.inc()
-            self._count_dead_letter(control.INVALID_CONTROL_MESSAGE)
-            yield DEAD_LETTERS, self._dead_letter(record, control.INVALID_CONTROL_MESSAGE, str(exc))
+            yield self._rejected(record, control.INVALID_CONTROL_MESSAGE, str(exc), self.rejected)
             return
         yield AUDIT, self.audit_encode(summary)
+
+    def _rejected(self, record: Any, code: str, message: str, counter: Any) -> tuple[OutputTag, bytes]:
+        """A record for the dead letters: counted in ``counter`` (``dead_letters``, or ``processing_errors`` for a
+        failure after decoding) and per code, then encoded with its reason and position."""
+        counter.inc()
+        self._count_dead_letter(code)
+        return DEAD_LETTERS, self._dead_letter(record, code, message)
 
     def _count_dead_letter(self, code: str) -> None:
         """``dead_letters_<code>``, created on first use and cached (creating a metric is not free)."""
@@ -450,8 +447,8 @@ class Personalize(KeyedProcessFunction):
             self.gc_reported = (collections, pause_ms)
 
     def _follow(self, watcher: Any, attribute: str, reloads: Any, refusals: Any, now_ms: int) -> None:
-        """Swap the personalizer's ``attribute`` (scorer or rules) between two events when ``watcher`` (see
-        udfs/model_watch.py, udfs/rules_watch.py) has a new one; count reloads and refusals."""
+        """Swap the personalizer's ``attribute`` (scorer, rules or experiments) between two events when ``watcher``
+        (udfs/model_watch.py, udfs/rules_watch.py) has a new one; count reloads and refusals."""
         refused_before = len(watcher.refused)
         new = watcher.poll(now_ms)
         if new is not None:
