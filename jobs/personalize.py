@@ -119,26 +119,34 @@ def resolve_bundle(cfg: OnrampConfig, bundle_path: Path | None = None) -> Path:
     return bundle.path
 
 
-def resolve_rules(cfg: OnrampConfig) -> tuple[str | None, str | None]:
-    """The rule set the job ships with: (YAML text, absolute path to follow) or (None, None) for the built-in
-    rules. Compiled here, at the client, so a broken rule set fails the submission with its findings."""
+class ShippedRules(NamedTuple):
+    """The rule set the job ships with: its YAML text, the absolute path the job follows, and the compiled set
+    (all None for the built-in rules)."""
+
+    text: str | None
+    path: str | None
+    compiled: Any
+
+    @property
+    def version(self) -> str:
+        from udfs.next_step import RULES_VERSION
+
+        return self.compiled.version if self.compiled is not None else RULES_VERSION
+
+
+def resolve_rules(cfg: OnrampConfig) -> ShippedRules:
+    """The rule set the job ships with. Compiled here, at the client, so a broken rule set fails the submission
+    with its findings."""
     from jobs.config import BUILTIN_RULES
     from udfs.rules.compiler import compile_rules_text
 
     if cfg.rules_file == BUILTIN_RULES:
-        return None, None
+        return ShippedRules(None, None, None)
     path = Path(cfg.rules_file).resolve()
     text = path.read_text()
     compiled = compile_rules_text(text, str(path))
     log.info("rule set %s (%s)", compiled.version, path)
-    return text, str(path)
-
-
-def _rules_version(rules_text: str | None, rules_path: str | None) -> str:
-    from udfs.next_step import RULES_VERSION
-    from udfs.rules.compiler import compile_rules_text
-
-    return compile_rules_text(rules_text, rules_path or "rules").version if rules_text else RULES_VERSION
+    return ShippedRules(text, str(path), compiled)
 
 
 def _bundle_version(bundle_dir: Path) -> str:
@@ -241,9 +249,10 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_dir = resolve_bundle(cfg, bundle_path)
     bundle_files = read_bundle_files(bundle_dir)
-    rules_text, rules_path = resolve_rules(cfg)
-    experiments_text, experiments_path, arm_assets = resolve_experiments(
-        cfg, _rules_version(rules_text, rules_path), _bundle_version(bundle_dir))
+    rules = resolve_rules(cfg)
+    rules_text, rules_path = rules.text, rules.path
+    experiments_text, experiments_path, arm_assets = resolve_experiments(cfg, rules.version,
+                                                                         _bundle_version(bundle_dir))
     decisions = (
         key_by_routing_key(records)
         .process(

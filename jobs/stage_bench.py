@@ -31,11 +31,9 @@ def stage_costs(cfg: OnrampConfig, bundle: Any, events: list[dict[str, Any]]) ->
     limits = ValidationLimits(cfg.max_future_skew_ms, 10 * cfg.max_event_age_ms)
     payloads = [codec.encode(e) for e in events]
     from jobs.personalize import resolve_rules
-    from udfs.rules.compiler import compile_rules_text
     from udfs.rules.fields import rule_context
 
-    rules_text, rules_path = resolve_rules(cfg)
-    rules = compile_rules_text(rules_text, rules_path) if rules_text else None
+    rules = resolve_rules(cfg).compiled
     policy = cfg.profile_policy()
     from jobs.config import NO_EXPERIMENTS
     from udfs.audit import decision_audit
