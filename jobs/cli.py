@@ -189,11 +189,13 @@ def _warn_if_taskmanager_has_older_code(cfg: OnrampConfig) -> None:
 
 
 def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] | None = None,
-               from_savepoint: str | None = None, allow_non_restored_state: bool = False) -> str:
+               from_savepoint: str | None = None, allow_non_restored_state: bool = False,
+               project_root: Path | None = None) -> str:
     """Provision, check the model, cancel an older Onramp job, submit, wait until it runs; returns the job id.
 
     ``from_savepoint``: a savepoint or retained checkpoint path to start from (state and source offsets), or
-    ``"latest"`` for the newest retained checkpoint under ``cfg.checkpoint_dir``."""
+    ``"latest"`` for the newest retained checkpoint under ``cfg.checkpoint_dir``. ``project_root``: submit the
+    code of another checkout (a new version of the job; default: this one)."""
     from jobs import flink_jobs, services
     from jobs.kafka_admin import ensure_topics, wait_for_broker
     from jobs.personalize import JOB_NAME
@@ -222,6 +224,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
         job_args=job_args,
         from_savepoint=from_savepoint,
         allow_non_restored_state=allow_non_restored_state,
+        **({"project_root": project_root} if project_root else {}),
     )
     flink_jobs.wait_running(cfg, job_id)
     log.info("job %s running; Flink UI: %s/#/job/running/%s/overview", job_id, cfg.flink_rest_url, job_id)

@@ -6,10 +6,12 @@ Works against the local standalone cluster that ``onramp up`` starts and against
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,8 +26,9 @@ from jobs.config import REPO_ROOT, OnrampConfig
 log = logging.getLogger(__name__)
 
 JOB_SCRIPT = REPO_ROOT / "jobs" / "personalize.py"
-# Project directories shipped with a job (``-pyfs``): TaskManagers import Onramp's code and schemas from these.
+# Project directories shipped with a job: TaskManagers import Onramp's code and read its schemas from these.
 SHIPPED_DIRS: tuple[str, ...] = ("jobs", "udfs", "models", "avro", "rules")
+_STAGED_TO_KEEP = 5
 _JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
 
@@ -205,6 +208,40 @@ def checkpoint_stats(cfg: OnrampConfig, job_id: str) -> dict[str, Any]:
     return ((info or {}).get("latest") or {}).get("completed") or {}
 
 
+def stage_code(project_root: Path, ship_dirs: tuple[str, ...], staging_root: Path) -> Path:
+    """One directory holding copies of ``ship_dirs``, for a single ``-pyfs`` entry; named by its content.
+
+    ``flink run -pyfs DIR`` puts ``DIR`` itself on the workers' ``sys.path`` (seen in a TaskManager with 2.2.1:
+    ``python-files/udfs/udfs``), not its parent. Shipping ``udfs/`` therefore made its modules top-level names
+    (``audit``, ``features``...) while ``import udfs`` found whatever the TaskManager had installed: locally the
+    editable checkout, on a remote cluster nothing. Shipping the parent of the packages makes the job run the
+    code it was submitted with. Content-named, so resubmitting unchanged code reuses the copy."""
+    files = sorted(
+        p for d in ship_dirs for p in (project_root / d).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(project_root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    staged = staging_root / f"onramp-{digest.hexdigest()[:16]}"
+    if not staged.is_dir():
+        partial = staging_root / f".{staged.name}.{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        for path in files:
+            target = partial / path.relative_to(project_root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        try:
+            partial.rename(staged)
+        except OSError:  # staged meanwhile by a concurrent submit: same content
+            shutil.rmtree(partial, ignore_errors=True)
+    staged.touch()
+    older = sorted((p for p in staging_root.glob("onramp-*") if p != staged), key=lambda p: p.stat().st_mtime)
+    for old in older[: max(0, len(older) - (_STAGED_TO_KEEP - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return staged
+
+
 def submit(
     cfg: OnrampConfig,
     *,
@@ -217,13 +254,18 @@ def submit(
     ship_dirs: tuple[str, ...] = SHIPPED_DIRS,
     from_savepoint: str | None = None,
     allow_non_restored_state: bool = False,
+    project_root: Path = REPO_ROOT,
 ) -> str:
     """``flink run -d -py <script>`` against ``cfg.flink_rest_url``; returns the job id. ``ship_dirs``: the
     project directories the job's Python code needs on the TaskManagers; ``from_savepoint``: a savepoint or
-    retained checkpoint to start from (``flink run -s``)."""
+    retained checkpoint to start from (``flink run -s``); ``project_root``: the checkout whose code the job runs
+    (``script`` is taken relative to it when it lies under this one), e.g. a new version's for an upgrade."""
+    if project_root != REPO_ROOT and script.is_relative_to(REPO_ROOT):
+        script = project_root / script.relative_to(REPO_ROOT)
     target = urlparse(cfg.flink_rest_url)
     # The workers' Python: the one the job config names (flink.python.executable), else this venv's.
     worker_python = cfg.extra.get("flink.python.executable", sys.executable)
+    staged = stage_code(project_root, ship_dirs, cfg.state_dir / "shipped")
     command = [
         str(flink_bin), "run", "-d",
         "-m", f"{target.hostname}:{target.port or 8081}",
@@ -232,7 +274,7 @@ def submit(
         *(["--allowNonRestoredState"] if allow_non_restored_state else []),
         "-py", str(script),
         # Ship the project's code and schemas: TaskManagers import them from the job's own files.
-        "-pyfs", ",".join(str(REPO_ROOT / d) for d in ship_dirs),
+        "-pyfs", str(staged),
         "--config-json", json.dumps(cfg.as_dict()),
         *[arg for jar in jars for arg in ("--jar", str(jar))],
         *(job_args or []),

@@ -268,11 +268,38 @@ def test_taskmanager_kill_and_broker_restart_lose_nothing_duplicate_nothing(live
     assert_exactly_once_and_continuous(everything, expected)
 
 
+def upgraded_checkout(tmp_path: Path) -> Path:
+    """A copy of this checkout as the next version of the job: its ``Profile`` has one more field, which every
+    event it folds increments (so stored state shows whether the new code wrote it)."""
+    root = tmp_path / "onramp-next"
+    for d in flink_jobs.SHIPPED_DIRS:
+        shutil.copytree(REPO_ROOT / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    source = root / "udfs" / "profile_state.py"
+    text = source.read_text()
+    changes = {
+        "    experiments: dict[str, str] = field(default_factory=dict)":
+            "    events_since_upgrade: int = 0  # the upgrade test's added field\n"
+            "    experiments: dict[str, str] = field(default_factory=dict)",
+        "    apply_event(profile, event, half_life_ms, policy)\n":
+            "    apply_event(profile, event, half_life_ms, policy)\n    profile.events_since_upgrade += 1\n",
+    }
+    for anchor, replacement in changes.items():
+        assert text.count(anchor) == 1, f"upgrade test: {anchor.strip()!r} no longer in udfs/profile_state.py"
+        text = text.replace(anchor, replacement)
+    source.write_text(text)
+    return root
+
+
 @pytest.mark.e2e
-def test_stop_with_savepoint_then_upgrade_with_new_rules_keeps_state(live_services, tmp_path, capsys):
-    """Stop with a savepoint (`onramp stop --savepoint`), start a new job version with another rule set from it:
-    later decisions name the new rules version, profiles and dedup ids carried over, nothing lost or doubled.
-    Runs on the RocksDB backend (incremental checkpoints)."""
+def test_savepoint_upgrade_to_new_rules_and_an_added_profile_field_keeps_state(live_services, tmp_path, capsys):
+    """Stop with a savepoint (`onramp stop --savepoint`), start the next version of the job from it: another
+    rule set, and code whose ``Profile`` has an added field (submitted from another checkout, on a fresh
+    TaskManager as an upgrade would be). Later decisions name the new rules version; profiles and dedup ids
+    carried over (decisions equal an uninterrupted run's), nothing lost or doubled; the state the new code writes
+    holds the new field next to the restored ones. Runs on the RocksDB backend (incremental checkpoints)."""
+    from jobs.privacy_cli import request_state_check
+    from udfs.pseudonym import load_key
+
     rules_a = tmp_path / "rules-a.yaml"
     shutil.copy(REPO_ROOT / "rules" / "onboarding.yaml", rules_a)
     version_a = yaml.safe_load(rules_a.read_text())["version"]
@@ -280,11 +307,17 @@ def test_stop_with_savepoint_then_upgrade_with_new_rules_keeps_state(live_servic
     doc.update(version="reliab-upgrade-b", changelog="upgrade test: same rules, new version")
     rules_b = tmp_path / "rules-b.yaml"
     rules_b.write_text(yaml.safe_dump(doc, sort_keys=False))
+    next_version = upgraded_checkout(tmp_path)
     # RocksDB with incremental checkpoints here (the failover test runs the default heap backend): both restore.
     cfg = reliability_cfg(live_services, "upgrade", tmp_path, rules_file=str(rules_a), state_backend="rocksdb")
     events = generated_events(12, seed=31)
     first, second = events[: len(events) // 2], events[len(events) // 2:]
     resent = recent_events(first, cfg.dedup_window_ms)
+    # A user seen before and after the upgrade, and one seen only before it (re-sent events are duplicates: the
+    # new code does not fold them).
+    before = {e["user_id"] for e in first if e.get("user_id")}
+    after = {e["user_id"] for e in second if e.get("user_id")}
+    both, only_before = sorted(before & after)[0], sorted(before - after)[0]
     codec = decision_codec()
 
     job_a = submit_job(cfg)
@@ -300,21 +333,33 @@ def test_stop_with_savepoint_then_upgrade_with_new_rules_keeps_state(live_servic
             flink_jobs.cancel(cfg, job_a)
 
     cfg_b = dataclasses.replace(cfg, rules_file=str(rules_b))
-    job_b = submit_job(cfg_b, from_savepoint=savepoint)
+    # Thread mode keeps the modules a TaskManager imported first: the new code needs a new TaskManager, as a
+    # real upgrade has (a new image); restarted again at the end so later tests run this checkout's code.
+    services.restart_taskmanager(cfg)
     try:
-        send(cfg_b, resent + second)
-        got = [codec.decode(r.value) for r in
-               read_records(cfg, cfg.decisions_topic, max_records=len(events), timeout_s=180)]
-        assert len(got) == len(events)
-        everything = read_all(cfg)
+        job_b = submit_job(cfg_b, from_savepoint=savepoint, project_root=next_version)
+        try:
+            send(cfg_b, resent + second)
+            got = [codec.decode(r.value) for r in
+                   read_records(cfg, cfg.decisions_topic, max_records=len(events), timeout_s=180)]
+            assert len(got) == len(events)
+            everything = read_all(cfg)
+            key = load_key(cfg.pseudonym_key_file)
+            kept_both = request_state_check(cfg_b, key.user(both), timeout_s=60)["state"]["profile_fields"]
+            kept_before = request_state_check(cfg_b, key.user(only_before), timeout_s=60)["state"]["profile_fields"]
+        finally:
+            flink_jobs.cancel(cfg_b, job_b)
     finally:
-        flink_jobs.cancel(cfg_b, job_b)
+        services.restart_taskmanager(cfg)
 
     expected = reference_decisions(cfg, [(str(rules_a), first), (str(rules_b), resent + second)])
     assert_exactly_once_and_continuous(everything, expected)
     by_id = {d["event_id"]: d for d in everything}
     assert {by_id[e["event_id"]]["rules_version"] for e in first} == {version_a}
     assert {by_id[e["event_id"]]["rules_version"] for e in second} == {"reliab-upgrade-b"}
+    # The new code wrote its field next to the restored ones; a profile it has not touched since is the old one.
+    assert {"profile.events_since_upgrade", "profile.counts", "profile.steps_done"} <= set(kept_both)
+    assert "profile.counts" in kept_before and "profile.events_since_upgrade" not in kept_before
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,3 +450,23 @@ def test_latest_checkpoint_is_the_newest_completed_one_of_any_job(tmp_path):
         os.utime(meta, (1_000 + n, 1_000 + n))
     (tmp_path / "checkpoints" / ("b" * 32) / "chk-4").mkdir()  # in progress: no _metadata yet
     assert flink_jobs.latest_checkpoint(cfg) == tmp_path / "checkpoints" / ("b" * 32) / "chk-3"
+
+
+def test_staged_code_holds_the_packages_under_one_directory_named_by_content(tmp_path):
+    """`flink run -pyfs DIR` puts DIR on the workers' path: the staged directory must hold the packages (so
+    `import udfs` finds the shipped code), without caches, reused while the code is unchanged, and only the
+    latest few kept."""
+    staging = tmp_path / "shipped"
+    first = flink_jobs.stage_code(REPO_ROOT, flink_jobs.SHIPPED_DIRS, staging)
+    assert (first / "udfs" / "__init__.py").is_file() and (first / "avro" / "onboarding_event.avsc").is_file()
+    assert not list(first.rglob("__pycache__")) and not list(first.rglob("*.pyc"))
+    assert flink_jobs.stage_code(REPO_ROOT, flink_jobs.SHIPPED_DIRS, staging) == first
+
+    project = tmp_path / "project"
+    shutil.copytree(first, project)
+    staged = []
+    for version in range(7):
+        (project / "udfs" / "version.py").write_text(f"VERSION = {version}\n")
+        staged.append(flink_jobs.stage_code(project, flink_jobs.SHIPPED_DIRS, staging))
+    assert len(set(staged)) == 7 and (staged[-1] / "udfs" / "version.py").read_text() == "VERSION = 6\n"
+    assert len(list(staging.glob("onramp-*"))) == flink_jobs._STAGED_TO_KEEP and staged[-1].is_dir()

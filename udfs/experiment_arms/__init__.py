@@ -1,8 +1,8 @@
 """Experiments: which strategy a user gets, decided deterministically and remembered.
 
-Named ``experiment_arms``, not ``experiments``: ``flink run -pyfs`` puts each shipped directory itself on the
-workers' PYTHONPATH, so ``udfs/experiments`` would shadow the top-level ``experiments`` package (outcomes,
-analysis) in a TaskManager's interpreter, which keeps its modules across jobs.
+Named ``experiment_arms``, not ``experiments``, so that no ``udfs`` module can be mistaken for the top-level
+``experiments`` package (outcomes, analysis) should ``udfs/`` itself ever be on a worker's path again (it was,
+when ``udfs/`` was shipped with ``-pyfs`` as a directory: see :func:`jobs.flink_jobs.stage_code`).
 
 Format and semantics: :mod:`.config` (loading and validation, schema ``experiments.schema.json``; the shipped
 example is ``rules/experiments.yaml``) and :mod:`.assignment` (hashing, layers, stickiness). The job calls::
