@@ -4,9 +4,8 @@ Graph (one Python operator; everything around it runs in the JVM):
 
     Kafka SQL source: input + control topics (key, value, partition, offset;
       routing key = onramp_routing_key(value) (Java: pseudonym of the user id), or the control record's key)
-      -> key by routing key (JVM) -> Personalize (Python) --(dead letters)--> KafkaSink(dead letters)
-                                                |        \--(audit)-------> KafkaSink(audit)
-                                                +--> KafkaSink(decisions)
+      -> key by routing key (JVM) -> Personalize (Python) -> Row(topic, key, value)
+      -> one Kafka SQL sink (topic from the row): decisions, dead letters, audit records, identity messages
 
 Personalize decodes and validates each record once, then updates the profile, scores, and decides; records of
 the control topic (udfs/control.py) are messages to the key they name, such as a state check.
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import REPO_ROOT, OnrampConfig, load_config  # noqa: E402
 from jobs.python_env import ensure_embedded_python_path  # noqa: E402
-from udfs.flink_functions import AUDIT, BYTES, DEAD_LETTERS, IDENTITY, KAFKA_RECORD, ROUTED_RECORD, Personalize, read_bundle_files  # noqa: E402
+from udfs.flink_functions import KAFKA_RECORD, OUTPUT_RECORD, ROUTED_RECORD, OutputTopics, Personalize, read_bundle_files  # noqa: E402
 from udfs.validation import ValidationLimits  # noqa: E402
 
 log = logging.getLogger("onramp.personalize")
@@ -234,18 +233,15 @@ def key_by_routing_key(records: DataStream) -> KeyedStream:
     return KeyedStream(records._j_data_stream.keyBy(selector, key_type), KAFKA_RECORD, records)
 
 
-class JobOutputs(NamedTuple):
-    """The personalize operator's outputs, each a stream of encoded records."""
-
-    decisions: DataStream
-    dead_letters: DataStream
-    audit: DataStream  # empty when cfg.audit_topic is ""
-    identity: DataStream  # Row(key, value) messages for the control topic (udfs/identity.py)
+def output_topics(cfg: OnrampConfig) -> OutputTopics:
+    return OutputTopics(cfg.decisions_topic, cfg.dead_letter_topic, cfg.audit_topic, cfg.control_topic)
 
 
-def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> JobOutputs:
+def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | None = None) -> DataStream:
     """Wire the Onramp operators onto a stream of :data:`ROUTED_RECORD` rows ``Row(routing_key, Row(value,
-    topic, partition, offset))``."""
+    topic, partition, offset))``; returns every record the job makes as :data:`OUTPUT_RECORD` rows ``Row(topic,
+    key, value)``: decisions and audit records (keyed by the user's pseudonym), dead letters (no key) and
+    identity messages to the control topic (keyed by their destination), topics from :func:`output_topics`."""
     limits = ValidationLimits(cfg.max_future_skew_ms, cfg.max_event_age_ms)
     bundle_dir = resolve_bundle(cfg, bundle_path)
     bundle_files = read_bundle_files(bundle_dir)
@@ -253,7 +249,7 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
     rules_text, rules_path = rules.text, rules.path
     experiments_text, experiments_path, arm_assets = resolve_experiments(cfg, rules.version,
                                                                          _bundle_version(bundle_dir))
-    decisions = (
+    return (
         key_by_routing_key(records)
         .process(
             Personalize(bundle_files, cfg.interest_half_life_hours * 3_600_000.0, cfg.input_topic, limits,
@@ -266,14 +262,12 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         experiments_text=experiments_text, experiments_path=experiments_path,
                         experiments_reload_interval_ms=cfg.experiments_reload_interval_ms,
                         state_ttl_ms=cfg.state_ttl_ms, arm_rules=arm_assets.rules,
-                        arm_bundles=arm_assets.bundles),
-            output_type=BYTES,
+                        arm_bundles=arm_assets.bundles, topics=output_topics(cfg)),
+            output_type=OUTPUT_RECORD,
         )
         .uid("personalize")
         .name("personalize")
     )
-    return JobOutputs(decisions, decisions.get_side_output(DEAD_LETTERS), decisions.get_side_output(AUDIT),
-                      decisions.get_side_output(IDENTITY))
 
 
 def kafka_properties(cfg: OnrampConfig) -> dict[str, str]:
@@ -369,15 +363,17 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
 
 
 def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: DataStream, *, table: str, topic: str,
-                     transactional_id: str, column_type: str = "BYTES") -> None:
-    """Write ``Row(key, value)`` rows to ``topic`` with ``key`` as the Kafka record key.
+                     transactional_id: str, column_type: str = "BYTES", topics: list[str] | None = None) -> None:
+    """Write ``Row(key, value)`` rows to ``topic`` with ``key`` as the Kafka record key; or, given ``topics``,
+    ``Row(topic, key, value)`` rows each to the topic it names (one of ``topics``).
 
     A Table sink because the DataStream KafkaSink's Python API serializes the whole element for key and value
-    alike; the SQL connector writes one column as key and another as value. Same delivery guarantee as the
-    other sinks: in exactly-once mode a row commits with the checkpoint of the state change that made it."""
+    alike; the SQL connector writes one column as key and another as value, and takes the topic from a
+    writable ``topic`` metadata column. Same delivery guarantee as the other sinks: in exactly-once mode a row
+    commits with the checkpoint of the state change that made it."""
     options = {
         "connector": "kafka",
-        "topic": topic,
+        "topic": ";".join(topics) if topics else topic,
         "properties.bootstrap.servers": cfg.bootstrap_servers,
         "properties.linger.ms": str(cfg.sink_linger_ms),
         "key.format": "raw",
@@ -391,8 +387,9 @@ def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: Dat
         options["properties.transaction.timeout.ms"] = str(cfg.transaction_timeout_ms)
     for key, value in kafka_properties(cfg).items():
         options[f"properties.{key}"] = value
+    topic_column = "`topic` STRING METADATA, " if topics else ""
     t_env.execute_sql(
-        f"CREATE TEMPORARY TABLE {table} (`key` {column_type}, `value` {column_type}) WITH ("
+        f"CREATE TEMPORARY TABLE {table} ({topic_column}`key` {column_type}, `value` {column_type}) WITH ("
         + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
         + ")"
     )
@@ -405,13 +402,10 @@ def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounde
     env = create_env(cfg, jars)
     t_env = StreamTableEnvironment.create(env)
     outputs = build_pipeline(kafka_records(env, cfg, bounded=bounded, t_env=t_env), cfg)
-    outputs.decisions.sink_to(kafka_sink(cfg, cfg.decisions_topic, "decisions")).uid("decisions-sink").name("decisions-sink")
-    outputs.dead_letters.sink_to(kafka_sink(cfg, cfg.dead_letter_topic, "dead-letters")).uid("dead-letter-sink").name("dead-letter-sink")
-    if cfg.audit_topic:
-        outputs.audit.sink_to(kafka_sink(cfg, cfg.audit_topic, "audit")).uid("audit-sink").name("audit-sink")
-    # identity resolution's messages go back through the control topic to the key they name
-    keyed_kafka_sink(t_env, cfg, outputs.identity, table="onramp_control_out", topic=cfg.control_topic,
-                     transactional_id=f"{cfg.group_id}-identity")
+    # One sink, one producer (one transaction per checkpoint) for decisions, dead letters, audit records and the
+    # identity messages that go back through the control topic to the key they name.
+    keyed_kafka_sink(t_env, cfg, outputs, table="onramp_out", topic="", topics=output_topics(cfg).names(),
+                     transactional_id=f"{cfg.group_id}-out")
     return env
 
 

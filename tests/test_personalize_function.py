@@ -205,3 +205,22 @@ def test_metrics_name_the_versions_in_use_and_time_each_decision():
     assert sum(v for (name, _), v in in_use.items() if name == "rules_version") == 1  # the old one went to 0
     _run(fn, event_codec().encode(make_event("signup")))
     assert len(fn.latency.values) == 1 and fn.latency.values[0] >= 0
+
+
+def test_given_its_topics_every_output_is_a_row_for_the_one_sink():
+    """The job's form: Row(topic, key, value) for everything; decisions and audit records keyed by the pseudonym
+    (one user's decisions stay in one partition, in order), dead letters without a key."""
+    from udfs.flink_functions import OutputTopics
+
+    fn = _function(audit=True)
+    fn.topics = OutputTopics("decisions", "dead-letters", "audit", "control")
+    event = make_event("signup")
+    decision, audit = _run(fn, event_codec().encode(event))
+    assert tuple(decision[:2]) == ("decisions", b"k-user-1")
+    assert decision_codec().decode(decision[2])["event_id"] == event["event_id"]
+    assert tuple(audit[:2]) == ("audit", b"k-user-1")
+    assert audit_codec().decode(audit[2])["decision_id"] == decision_codec().decode(decision[2])["decision_id"]
+    (dead,) = _run(fn, b"not avro at all")
+    assert tuple(dead[:2]) == ("dead-letters", None)
+    assert dead_letter_codec().decode(dead[2])["error_code"] == "not_single_object"
+    assert OutputTopics("d", "dl", "", "c").names() == ["d", "dl", "c"]  # audit off: no audit topic to write

@@ -1,6 +1,6 @@
 """Thin PyFlink wrapper around the pure logic: the keyed personalize step.
 
-It owns only what needs Flink (state handles, side outputs, open/close) and holds plain parameters, so it
+It owns only what needs Flink (state handles, outputs, open/close) and holds plain parameters, so it
 pickles small when the job graph is shipped to the TaskManagers.
 """
 
@@ -10,7 +10,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
@@ -44,6 +44,21 @@ IDENTITY = OutputTag("identity", KEYED_MESSAGE)
 KAFKA_RECORD = Types.ROW_NAMED(["value", "topic", "partition", "offset"], [BYTES, Types.STRING(), Types.INT(), Types.LONG()])
 # What the keyed operator's input carries: the user id to key by (read off the wire) and the record.
 ROUTED_RECORD = Types.ROW_NAMED(["routing_key", "record"], [Types.STRING(), KAFKA_RECORD])
+# What the job's operator emits when it is given its topics: every record it makes, for one Kafka sink that
+# writes ``value`` to ``topic`` with ``key`` as the Kafka key (jobs/personalize.py ``kafka_output_sink``).
+OUTPUT_RECORD = Types.ROW_NAMED(["topic", "key", "value"], [Types.STRING(), BYTES, BYTES])
+
+
+class OutputTopics(NamedTuple):
+    """Where each kind of output goes; ``audit`` is "" when audit records are off."""
+
+    decisions: str
+    dead_letters: str
+    audit: str
+    control: str
+
+    def names(self) -> list[str]:
+        return [t for t in self if t]
 
 
 def _now_ms() -> int:
@@ -112,7 +127,7 @@ def materialize_bundle(files: dict[str, bytes]) -> Path:
 class Personalize(KeyedProcessFunction):
     """Keyed by user (the routing key) over ``KAFKA_RECORD`` rows: decode and validate the event,
     fold it into the profile state, score it, emit the encoded decision; anything invalid or failing goes to
-    the ``DEAD_LETTERS`` side output with its reason.
+    the dead letters with its reason.
 
     Decoding here rather than in an operator of its own keeps the job at one Python operator (the key is
     computed in the JVM) and ships raw bytes, not pickled dicts, across the shuffle.
@@ -131,8 +146,9 @@ class Personalize(KeyedProcessFunction):
                  alias_window_ms: int = 24 * 3_600_000, experiments_text: str | None = None,
                  experiments_path: str | None = None, experiments_reload_interval_ms: int = 0,
                  state_ttl_ms: int = 0, arm_rules: dict[str, str] | None = None,
-                 arm_bundles: dict[str, dict[str, bytes]] | None = None):
+                 arm_bundles: dict[str, dict[str, bytes]] | None = None, topics: OutputTopics | None = None):
         self.bundle_files = bundle_files
+        self.topics = topics
         self.gc_freeze = gc_freeze
         self.control_topic = control_topic
         self.audit = audit
@@ -226,6 +242,32 @@ class Personalize(KeyedProcessFunction):
         self.gc_pause_counter = metrics.counter("gc_full_pause_ms")
 
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+        """The outputs for one record: tagged (decision bytes, ``(AUDIT | DEAD_LETTERS | IDENTITY, record)``) as
+        :meth:`outputs` makes them, or, given ``topics``, each as an :data:`OUTPUT_RECORD` row for the one sink.
+
+        One output stream instead of side outputs because PyFlink's ``get_side_output`` appends a Python identity
+        map to each side output: every audit record entered Python a second time (docs/performance.md)."""
+        if self.topics is None:
+            yield from self.outputs(record, ctx)
+            return
+        topics = self.topics
+        subject = None
+        for out in self.outputs(record, ctx):
+            if type(out) is not tuple:  # a decision: keyed by the user's pseudonym, so one user's stay in order
+                subject = subject or _subject(ctx).encode()
+                yield Row(topics.decisions, subject, out)
+                continue
+            tag, value = out
+            if tag is AUDIT:
+                subject = subject or _subject(ctx).encode()
+                yield Row(topics.audit, subject, value)
+            elif tag is IDENTITY:
+                yield Row(topics.control, value[0], value[1])
+            else:
+                yield Row(topics.dead_letters, None, value)
+
+    def outputs(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+        """The tagged outputs for one record (see :meth:`process_element`)."""
         if record[1] == self.control_topic and self.control_topic:
             yield from self._control(record, ctx)
             return
