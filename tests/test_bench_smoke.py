@@ -27,3 +27,8 @@ def test_bench_runs_and_accounts_for_every_event(live_services):
     assert {"decode_validate", "inference", "rules", "encode", "total"} <= set(result["stages_us"])
     assert result["machine"]["execution_mode"] == "thread"
     assert "throughput full/bare" in summary_table(result)
+    # the run's topics are gone: a broker keeping every run's topics slows the next runs
+    from jobs.kafka_admin import admin_client
+
+    with admin_client(live_services.bootstrap_servers, cfg=live_services) as admin:
+        assert not [t for t in admin.list_topics() if t.startswith("bench-")]
