@@ -144,6 +144,27 @@ def wait_finished(cfg: OnrampConfig, job_id: str, timeout_s: float) -> str:
     raise FlinkJobError(f"job {job_id} did not finish within {timeout_s:.0f}s")
 
 
+_NON_RESTORED_STATE = (
+    "the savepoint holds state of operators this version of the job does not have (versions before 2026-11-30 "
+    "had four Kafka sinks, this one has one): resubmit with `onramp submit --from-savepoint PATH "
+    "--allow-non-restored-state` to drop it (docs/operations.md)"
+)
+
+
+def explain(message: str, output: str | None = None) -> str:
+    """``message`` about a failure, followed by what to do in Onramp's terms when Flink's text (``output``, e.g.
+    the whole ``flink run`` output, whose tail is only a stack trace; default ``message``) shows a failure users
+    meet, with Flink's own line for it."""
+    text = message if output is None else output
+    marker = "Cannot map checkpoint/savepoint state"
+    if marker in text or "allowNonRestoredState" in text:
+        cause = next((ln.strip() for ln in text.splitlines() if marker in ln), "")
+        cause = cause[cause.find("Failed to rollback"):] if "Failed to rollback" in cause else cause
+        extra = f"\n{cause}" if cause and cause not in message else ""
+        return f"{message}{extra}\n{_NON_RESTORED_STATE}"
+    return message
+
+
 def root_exception(cfg: OnrampConfig, job_id: str) -> str:
     try:
         info = rest(cfg, f"/jobs/{job_id}/exceptions")
@@ -153,7 +174,7 @@ def root_exception(cfg: OnrampConfig, job_id: str) -> str:
     if not text and isinstance(info, dict) and info.get("exceptionHistory", {}).get("entries"):
         text = info["exceptionHistory"]["entries"][0].get("stacktrace", "")
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("\tat ")]
-    return "\n".join(lines[:12]) or "no exception recorded"
+    return explain("\n".join(lines[:12]) or "no exception recorded")
 
 
 def stop_with_savepoint(cfg: OnrampConfig, job_id: str, target_dir: str | None = None, *,
@@ -289,5 +310,5 @@ def submit(
     match = _JOB_ID.search(output)
     if done.returncode != 0 or not match:
         tail = "\n".join(output.strip().splitlines()[-25:])
-        raise FlinkJobError(f"`flink run` failed (exit {done.returncode}):\n{tail}")
+        raise FlinkJobError(explain(f"`flink run` failed (exit {done.returncode}):\n{tail}", output))
     return match.group(1)

@@ -473,3 +473,17 @@ def test_staged_code_holds_the_packages_under_one_directory_named_by_content(tmp
         staged.append(flink_jobs.stage_code(project, flink_jobs.SHIPPED_DIRS, staging))
     assert len(set(staged)) == 7 and (staged[-1] / "udfs" / "version.py").read_text() == "VERSION = 6\n"
     assert len(list(staging.glob("onramp-*"))) == flink_jobs._STAGED_TO_KEEP and staged[-1].is_dir()
+
+
+def test_a_savepoint_with_state_the_job_lacks_says_which_flag_to_use():
+    flink_says = ("Failed to rollback to checkpoint/savepoint file:/sp/savepoint-1. Cannot map checkpoint/savepoint "
+                  "state for operator 1a2b to the new program, because the operator is not available in the new "
+                  "program. If you want to allow to skip this, you can set the --allowNonRestoredState option on "
+                  "the CLI.")
+    explained = flink_jobs.explain(flink_says)
+    assert explained.startswith(flink_says) and "--allow-non-restored-state" in explained
+    assert flink_jobs.explain("java.lang.OutOfMemoryError") == "java.lang.OutOfMemoryError"
+    # `flink run` prints it in a log line far above the stack trace that ends its output: quoted from there
+    output = f"2026-11-30 INFO PythonDriver [] - Caused by: java.lang.IllegalStateException: {flink_says}\n\tat x.y(Z.java:1)\n"
+    explained = flink_jobs.explain("`flink run` failed (exit 1):\n\tat x.y(Z.java:1)", output)
+    assert f"\n{flink_says}\n" in explained and explained.endswith("(docs/operations.md)")
