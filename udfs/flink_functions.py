@@ -45,7 +45,7 @@ KAFKA_RECORD = Types.ROW_NAMED(["value", "topic", "partition", "offset"], [BYTES
 # What the keyed operator's input carries: the user id to key by (read off the wire) and the record.
 ROUTED_RECORD = Types.ROW_NAMED(["routing_key", "record"], [Types.STRING(), KAFKA_RECORD])
 # What the job's operator emits when it is given its topics: every record it makes, for one Kafka sink that
-# writes ``value`` to ``topic`` with ``key`` as the Kafka key (jobs/personalize.py ``kafka_output_sink``).
+# writes ``value`` to ``topic`` with ``key`` as the Kafka key (jobs/personalize.py ``build_kafka_job``).
 OUTPUT_RECORD = Types.ROW_NAMED(["topic", "key", "value"], [Types.STRING(), BYTES, BYTES])
 
 
