@@ -247,29 +247,28 @@ class Personalize(KeyedProcessFunction):
 
         One output stream instead of side outputs because PyFlink's ``get_side_output`` appends a Python identity
         map to each side output: every audit record entered Python a second time (docs/performance.md)."""
+        subject = _subject(ctx)  # one call into the keyed context per record
         if self.topics is None:
-            yield from self.outputs(record, ctx)
+            yield from self.outputs(record, subject)
             return
         topics = self.topics
-        subject = None
-        for out in self.outputs(record, ctx):
+        key = subject.encode()
+        for out in self.outputs(record, subject):
             if type(out) is not tuple:  # a decision: keyed by the user's pseudonym, so one user's stay in order
-                subject = subject or _subject(ctx).encode()
-                yield Row(topics.decisions, subject, out)
+                yield Row(topics.decisions, key, out)
                 continue
             tag, value = out
             if tag is AUDIT:
-                subject = subject or _subject(ctx).encode()
-                yield Row(topics.audit, subject, value)
+                yield Row(topics.audit, key, value)
             elif tag is IDENTITY:
                 yield Row(topics.control, value[0], value[1])
             else:
                 yield Row(topics.dead_letters, None, value)
 
-    def outputs(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
-        """The tagged outputs for one record (see :meth:`process_element`)."""
+    def outputs(self, record: Any, subject: str) -> Iterable[Any]:
+        """The tagged outputs for one record at key ``subject`` (see :meth:`process_element`)."""
         if record[1] == self.control_topic and self.control_topic:
-            yield from self._control(record, ctx)
+            yield from self._control(record, subject)
             return
         now_ms = _now_ms()
         if self.watcher.due(now_ms):
@@ -287,7 +286,7 @@ class Personalize(KeyedProcessFunction):
             yield self._rejected(record, exc.code, exc.message, self.rejected)
             return
         try:
-            out = self._event(event, _subject(ctx), now_ms)
+            out = self._event(event, subject, now_ms)
         except Exception as exc:  # one bad record must not crash the job: dead-letter it with the reason
             log.exception("personalize failed for event %s", event.get("event_id"))
             yield self._rejected(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.failures)
@@ -391,13 +390,13 @@ class Personalize(KeyedProcessFunction):
             return out + self._decide(outcome.fold, subject, now_ms) if outcome.fold is not None else out
         raise IdentityMessageError(f"unhandled identity message {type(message).__name__}")
 
-    def _control(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
+    def _control(self, record: Any, subject: str) -> Iterable[Any]:
         """A message for this key on the control topic (udfs/control.py): a state check is answered on the audit
         topic with what is kept for the key (field names and size, no values); anything unreadable is
         dead-lettered."""
         if record[0] is not None and record[0][:2] == MESSAGE_MAGIC:
             try:
-                out = self._identity_message(record, _subject(ctx))
+                out = self._identity_message(record, subject)
             except IdentityMessageError as exc:
                 yield self._rejected(record, control.INVALID_CONTROL_MESSAGE, str(exc), self.rejected)
                 return
@@ -413,7 +412,7 @@ class Personalize(KeyedProcessFunction):
                 raise control.ControlMessageError(f"unknown control message kind {message['kind']!r}")
             check = control.parse_state_check(message)
             stored = self.profile_state.value()
-            summary = state_check_audit(check.request_id, _subject(ctx), self.key_id,
+            summary = state_check_audit(check.request_id, subject, self.key_id,
                                         {"profile": profile_from_state(stored) if stored else None,
                                          "identity": self.identity_state.value()},
                                         self.personalizer.model_version,
