@@ -191,10 +191,9 @@ def resolve_experiments(cfg: OnrampConfig, rules_version: str,
     path = Path(cfg.experiments_file).resolve()
     text = path.read_text()
     experiments = parse_experiments(text, str(path))
-    wanted_rules = {arm.changes.rules_version for exp in experiments.experiments.values() if exp.enabled
-                    for arm in exp.arms if arm.changes.rules_version and arm.changes.rules_version != rules_version}
-    wanted_models = {arm.changes.model_version for exp in experiments.experiments.values() if exp.enabled
-                     for arm in exp.arms if arm.changes.model_version and arm.changes.model_version != model_version}
+    pins = experiments.pinned_versions()
+    wanted_rules = {v for _, _, kind, v in pins if kind == "rules_version" and v != rules_version}
+    wanted_models = {v for _, _, kind, v in pins if kind == "model_version" and v != model_version}
     problems = []
     if wanted_rules:
         rules_dir = (Path(cfg.rules_file) if cfg.rules_file != BUILTIN_RULES else REPO_ROOT / "rules" / "x").parent

@@ -441,13 +441,10 @@ class Personalize(KeyedProcessFunction):
         pins a rule set or model bundle the job was not submitted with; resubmit to ship new ones."""
         experiments = parse_experiments(text, source)
         p = self.personalizer
-        missing = sorted(
-            f"{exp.id}/{arm.id}: {kind} {version}"
-            for exp in experiments.experiments.values() if exp.enabled for arm in exp.arms
-            for kind, version, have in (("rules_version", arm.changes.rules_version, {p.rules_version, *p.arm_rules}),
-                                        ("model_version", arm.changes.model_version,
-                                         {p.model_version, *p.arm_scorers}))
-            if version and version not in have)
+        shipped = {"rules_version": {p.rules_version, *p.arm_rules}, "model_version": {p.model_version, *p.arm_scorers}}
+        missing = sorted(f"{exp_id}/{arm_id}: {kind} {version}"
+                         for exp_id, arm_id, kind, version in experiments.pinned_versions()
+                         if version not in shipped[kind])
         if missing:
             raise ValueError("arms pin versions this job was not submitted with (resubmit to ship them): "
                              + "; ".join(missing))

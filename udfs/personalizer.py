@@ -127,7 +127,7 @@ class Personalizer:
                 "no_consent: user has not consented to personalization"
             )
         if changes is not NO_CHANGES:
-            self._apply_arm(choice, changes, rules_version, model_version)
+            self._apply_arm(choice, changes)
         return self._record(event, choice, segment_id, segment_name, churn_risk, interest, personalized, decided_at_ms,
                             profile.experiments, model_version, rules_version)
 
@@ -147,12 +147,13 @@ class Personalizer:
         profile.experiments = experiments.assign(who, context, now, profile.experiments)
         return experiments.changes_for(profile.experiments, now)
 
-    def _apply_arm(self, choice: StepChoice, changes: ArmChanges, rules_version: str, model_version: str) -> None:
+    def _apply_arm(self, choice: StepChoice, changes: ArmChanges) -> None:
         """The arm's content variant; an arm pinning a rule set or bundle the job did not ship (a file changed at
         runtime: the job refuses such a reload, so this is a safety net) is named in the reasons."""
         if changes.content_variant:
             choice.content_variant = changes.content_variant
-        if changes.rules_version and changes.rules_version != rules_version:
+        if (changes.rules_version and changes.rules_version != self.rules_version
+                and changes.rules_version not in self.arm_rules):
             choice.reasons.append(f"experiment_arm_not_applied: rules_version {changes.rules_version} is not loaded")
         if (changes.model_version and changes.model_version != self.model_version
                 and changes.model_version not in self.arm_scorers):

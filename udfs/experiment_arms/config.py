@@ -143,6 +143,14 @@ class ExperimentSet:
             known = ", ".join(self.experiments) or "none"
             raise ExperimentConfigError([f"{self.source}: no experiment {experiment_id!r}; defined: {known}"]) from None
 
+    def pinned_versions(self) -> list[tuple[str, str, str, str]]:
+        """``(experiment id, arm id, "rules_version" | "model_version", version)`` for every rule set or model
+        bundle an arm of an enabled experiment pins: what a job running this file must ship."""
+        return [(exp.id, arm.id, kind, version)
+                for exp in self.experiments.values() if exp.enabled for arm in exp.arms
+                for kind, version in (("rules_version", arm.changes.rules_version),
+                                      ("model_version", arm.changes.model_version)) if version]
+
     def assign(self, pseudo_user_id: str, context: Mapping[str, Any], now_ms: int,
                sticky: Mapping[str, str]) -> dict[str, str]:
         from udfs.experiment_arms.assignment import assign
