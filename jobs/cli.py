@@ -190,7 +190,7 @@ def _warn_if_taskmanager_has_older_code(cfg: OnrampConfig) -> None:
 
 def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] | None = None,
                from_savepoint: str | None = None, allow_non_restored_state: bool = False,
-               project_root: Path | None = None) -> str:
+               project_root: Path = REPO_ROOT) -> str:
     """Provision, check the model, cancel an older Onramp job, submit, wait until it runs; returns the job id.
 
     ``from_savepoint``: a savepoint or retained checkpoint path to start from (state and source offsets), or
@@ -224,7 +224,7 @@ def submit_job(cfg: OnrampConfig, *, replace: bool = True, job_args: list[str] |
         job_args=job_args,
         from_savepoint=from_savepoint,
         allow_non_restored_state=allow_non_restored_state,
-        **({"project_root": project_root} if project_root else {}),
+        project_root=project_root,
     )
     flink_jobs.wait_running(cfg, job_id)
     log.info("job %s running; Flink UI: %s/#/job/running/%s/overview", job_id, cfg.flink_rest_url, job_id)

@@ -361,10 +361,10 @@ def kafka_sink(cfg: OnrampConfig, topic: str, name: str) -> KafkaSink:
     return builder.build()
 
 
-def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: DataStream, *, table: str, topic: str,
-                     transactional_id: str, column_type: str = "BYTES", topics: list[str] | None = None) -> None:
-    """Write ``Row(key, value)`` rows to ``topic`` with ``key`` as the Kafka record key; or, given ``topics``,
-    ``Row(topic, key, value)`` rows each to the topic it names (one of ``topics``).
+def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: DataStream, *, table: str,
+                     topic: str | list[str], transactional_id: str, column_type: str = "BYTES") -> None:
+    """Write ``Row(key, value)`` rows to ``topic`` with ``key`` as the Kafka record key; or, given a list of
+    topics, ``Row(topic, key, value)`` rows each to the topic it names (one of the list).
 
     A Table sink because the DataStream KafkaSink's Python API serializes the whole element for key and value
     alike; the SQL connector writes one column as key and another as value, and takes the topic from a
@@ -372,7 +372,7 @@ def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: Dat
     commits with the checkpoint of the state change that made it."""
     options = {
         "connector": "kafka",
-        "topic": ";".join(topics) if topics else topic,
+        "topic": topic if isinstance(topic, str) else ";".join(topic),
         "properties.bootstrap.servers": cfg.bootstrap_servers,
         "properties.linger.ms": str(cfg.sink_linger_ms),
         "key.format": "raw",
@@ -386,7 +386,7 @@ def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: Dat
         options["properties.transaction.timeout.ms"] = str(cfg.transaction_timeout_ms)
     for key, value in kafka_properties(cfg).items():
         options[f"properties.{key}"] = value
-    topic_column = "`topic` STRING METADATA, " if topics else ""
+    topic_column = "" if isinstance(topic, str) else "`topic` STRING METADATA, "
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE {table} ({topic_column}`key` {column_type}, `value` {column_type}) WITH ("
         + ", ".join(f"{_sql_string(k)} = {_sql_string(str(v))}" for k, v in options.items())
@@ -403,7 +403,7 @@ def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounde
     outputs = build_pipeline(kafka_records(env, cfg, bounded=bounded, t_env=t_env), cfg)
     # One sink, one producer (one transaction per checkpoint) for decisions, dead letters, audit records and the
     # identity messages that go back through the control topic to the key they name.
-    keyed_kafka_sink(t_env, cfg, outputs, table="onramp_out", topic="", topics=output_topics(cfg).names(),
+    keyed_kafka_sink(t_env, cfg, outputs, table="onramp_out", topic=output_topics(cfg).names(),
                      transactional_id=f"{cfg.group_id}-out")
     return env
 
