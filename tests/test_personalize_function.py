@@ -224,3 +224,23 @@ def test_given_its_topics_every_output_is_a_row_for_the_one_sink():
     assert tuple(dead[:2]) == ("dead-letters", None)
     assert dead_letter_codec().decode(dead[2])["error_code"] == "not_single_object"
     assert OutputTopics("d", "dl", "", "c").names() == ["d", "dl", "c"]  # audit off: no audit topic to write
+
+
+def test_state_ttl_descriptor_needs_no_jvm(monkeypatch):
+    """The TTL'd state descriptor is built in ``open()`` on the TaskManager; PyFlink's default periodic compaction
+    time would launch a py4j gateway JVM there (seen: a 1 GB-heap PythonGatewayServer child of the TaskManager)."""
+    import pyflink.common.time
+    import pyflink.java_gateway
+
+    from udfs.flink_functions import _descriptor
+
+    def no_gateway(*_args, **_kwargs):
+        raise AssertionError("building the state descriptor launched a JVM gateway")
+
+    monkeypatch.setattr(pyflink.java_gateway, "launch_gateway", no_gateway)
+    monkeypatch.setattr(pyflink.common.time, "get_gateway", no_gateway)
+    descriptor = _descriptor("profile", 3_600_000)
+    strategies = descriptor._ttl_config.get_cleanup_strategies()
+    assert strategies.get_rocksdb_compact_filter_cleanup_strategy().get_query_time_after_num_entries() == 1000
+    assert strategies.in_full_snapshot()
+    assert strategies.get_incremental_cleanup_strategy().get_cleanup_size() == 10

@@ -70,13 +70,18 @@ def _descriptor(name: str, ttl_ms: int) -> ValueStateDescriptor:
     full snapshots, incrementally on access, and by RocksDB's compaction filter)."""
     descriptor = ValueStateDescriptor(name, Types.PICKLED_BYTE_ARRAY())
     if ttl_ms > 0:
-        from pyflink.common.time import Time
+        from pyflink.common.time import Duration, Time
         from pyflink.datastream.state import StateTtlConfig
 
+        # PyFlink builds the RocksDB filter's default periodic compaction time (30 days) as a java.time.Duration
+        # through py4j, which on a TaskManager launches a whole gateway JVM (1 GB heap) beside it: both when no
+        # time is given and whenever the strategies are read with background cleanup on (the default, which
+        # only adds defaults for the strategies set here anyway). Neither PyFlink converter reads the time
+        # (Flink's own default, 30 days, applies), so a placeholder that needs no JVM, and explicit strategies.
         descriptor.enable_time_to_live(
             StateTtlConfig.new_builder(Time.milliseconds(ttl_ms)).update_ttl_on_create_and_write()
-            .never_return_expired().cleanup_full_snapshot().cleanup_incrementally(10, False)
-            .cleanup_in_rocksdb_compact_filter(1000).build())
+            .never_return_expired().disable_cleanup_in_background().cleanup_full_snapshot()
+            .cleanup_incrementally(10, False).cleanup_in_rocksdb_compact_filter(1000, Duration(None)).build())
     return descriptor
 
 
