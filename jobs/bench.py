@@ -35,9 +35,8 @@ class BenchSizes:
     stage_events: int = 20_000  # events for the per-stage microbenchmark
     exactly_once_duration_s: float = 15.0
     # At-least-once latency runs first produce at the same rate for this long, unmeasured: a freshly submitted
-    # job runs its first ~10-25 s with cold JIT-compiled code (the connector is loaded per job) and queues up to
-    # a second of latency while the JIT compiler competes for the two cores, which says nothing about the job in
-    # steady state (docs/performance.md).
+    # job runs its first seconds with cold Python and with the JIT compiler still busy on code this TaskManager
+    # has not run yet, which says nothing about the job in steady state (docs/performance.md).
     warmup_s: float = 30.0
 
 
@@ -312,15 +311,23 @@ def run_bench(cfg: OnrampConfig, sizes: BenchSizes, *, stages_only: bool = False
     if stages_only:
         return result
     services.up(cfg)
+    from jobs.flink_jobs import taskmanager_metaspace_mb
+
     bench = Bench(cfg, sizes)
     try:
         full_tp = bench.throughput("full", pool)
+        metaspace_first = taskmanager_metaspace_mb(cfg)  # what a TaskManager loads for any job is in by now
         bare_tp = bench.throughput("bare", pool)
         full_lat = bench.latency("full", pool)
         bare_lat = bench.latency("bare", pool)
         eo_lat = bench.latency("full", pool, delivery="exactly-once", duration_s=sizes.exactly_once_duration_s)
     finally:
         bench.delete_topics()
+    # Four more jobs ran on the same TaskManagers after the first: what they left in metaspace (a job's own
+    # classes should not stay after it ends)
+    result["machine"]["taskmanager_metaspace_mb"] = {"after_first_job": metaspace_first,
+                                                     "after_last_job": taskmanager_metaspace_mb(cfg),
+                                                     "jobs_between": 4}
     result["full"] = {**full_tp, "latency_ms": full_lat["latency_ms"], "latency_run": full_lat}
     result["bare"] = {**bare_tp, "latency_ms": bare_lat["latency_ms"], "latency_run": bare_lat}
     result["exactly_once"] = eo_lat

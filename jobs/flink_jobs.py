@@ -51,6 +51,21 @@ def rest(cfg: OnrampConfig, path: str, method: str = "GET", body: dict | None = 
     return json.loads(text) if text else None
 
 
+def taskmanager_metaspace_mb(cfg: OnrampConfig) -> float | None:
+    """Metaspace in use summed over the cluster's TaskManagers (MB), or None when the REST API does not say.
+
+    Classes every job loads for itself stay there when its classloader is not collected: a TaskManager then
+    fails a later job with OutOfMemoryError: Metaspace (jobs/services.py ``_write_flink_lib``)."""
+    try:
+        total = 0.0
+        for tm in rest(cfg, "/taskmanagers").get("taskmanagers", []):
+            values = rest(cfg, f"/taskmanagers/{tm['id']}/metrics?get=Status.JVM.Memory.Metaspace.Used")
+            total += sum(float(v["value"]) for v in values or [])
+        return round(total / 2**20, 1)
+    except (FlinkJobError, KeyError, ValueError, TypeError):
+        return None
+
+
 def list_jobs(cfg: OnrampConfig) -> list[dict[str, Any]]:
     return rest(cfg, "/jobs/overview").get("jobs", [])
 

@@ -26,6 +26,12 @@ def test_bench_runs_and_accounts_for_every_event(live_services):
     assert result["throughput_ratio"] > 0
     assert {"decode_validate", "inference", "rules", "encode", "total"} <= set(result["stages_us"])
     assert result["machine"]["execution_mode"] == "thread"
+    # The four jobs after the first left little in the TaskManager's metaspace: on a fresh TaskManager 23-26 MB of
+    # classes they load for the first time (sinks, exactly-once), on a used one under 1 MB. When each job loaded
+    # its own Kafka connector, each left ~16 MB more, and the 17th job on a TaskManager failed
+    # (OutOfMemoryError: Metaspace).
+    metaspace = result["machine"]["taskmanager_metaspace_mb"]
+    assert metaspace["after_last_job"] - metaspace["after_first_job"] < 40, metaspace
     assert "throughput full/bare" in summary_table(result)
     # the run's topics are gone: a broker keeping every run's topics slows the next runs
     from jobs.kafka_admin import admin_client
