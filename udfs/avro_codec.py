@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
+from udfs.avro_reader import compile_reader
 from udfs.avro_writer import compile_writer
 
 MAGIC = b"\xc3\x01"
@@ -127,6 +128,8 @@ class SingleObjectCodec:
         self._resolved: dict[bytes, Any] = {}
         # Generated for this schema (udfs/avro_writer.py): the same bytes as fastavro at half the cost.
         self._compiled = compile_writer(self.writer.parsed, self._header)
+        # Generated reader for records written with the reader schema itself (udfs/avro_reader.py)
+        self._compiled_reader = compile_reader(self.schema.parsed)
 
     def encode(self, record: dict[str, Any]) -> bytes:
         if self._compiled is not None:
@@ -146,6 +149,13 @@ class SingleObjectCodec:
         if len(payload) < HEADER_LEN or payload[:2] != MAGIC:
             raise CodecError("not_single_object", "record is not Avro single-object encoded (missing C3 01 header)")
         fp = bytes(payload[2:HEADER_LEN])
+        if fp == self.schema.fingerprint and self._compiled_reader is not None:
+            try:
+                record, end = self._compiled_reader(payload, HEADER_LEN)
+                if end == len(payload):
+                    return record
+            except Exception:  # anything unexpected: fastavro reads it or says what is wrong with it
+                pass
         body = io.BytesIO(payload[HEADER_LEN:])
         if fp == self.schema.fingerprint:
             writer, reader = self.schema.parsed, None
