@@ -282,6 +282,7 @@ def machine_facts(cfg: OnrampConfig) -> dict[str, Any]:
         "bundle_size": cfg.bundle_size,
         "bundle_time_ms": cfg.bundle_time_ms,
         "buffer_timeout_ms": cfg.buffer_timeout_ms,
+        "sink_linger_ms": cfg.sink_linger_ms,
         "checkpoint_interval_ms": cfg.checkpoint_interval_ms,
         "broker_and_cluster": "local, same machine",
     }

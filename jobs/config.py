@@ -78,7 +78,9 @@ class OnrampConfig:
     execution_mode: str = "thread"
     bundle_size: int = 1000
     bundle_time_ms: int = 5
-    buffer_timeout_ms: int = 5
+    # Network buffers flush after at most this long (Flink's default 100 ms). 1 ms with sink_linger_ms 1: p50
+    # 6 ms at 1,000 events/s instead of 10 ms with 5/5, for ~4% more CPU per event (docs/performance.md).
+    buffer_timeout_ms: int = 1
     transaction_timeout_ms: int = 600_000
     # Reliability (docs/operations.md). Checkpoints go to checkpoint_dir (a path or a URI; empty:
     # <state_dir>/checkpoints) and are kept when the job is cancelled, so `onramp submit --from-checkpoint latest`
@@ -100,8 +102,9 @@ class OnrampConfig:
     broker_wait_s: float = 30.0
     # Kafka sinks batch records for up to this long: with 0 every record wakes the producer's I/O thread from
     # the keyed operator's thread (a syscall and a lock hand-off per decision), which capped throughput at
-    # ~3,800 events/s against ~5,600 with 5 ms (docs/performance.md).
-    sink_linger_ms: int = 5
+    # ~3,800 events/s against ~5,600 with 5 ms; 1 ms keeps the batching and halves the latency it adds
+    # (docs/performance.md).
+    sink_linger_ms: int = 1
     # Freeze the TaskManager interpreter's start-up heap (gc.freeze) once the personalize operator is open: a
     # full garbage collection then skips ~140k long-lived objects instead of pausing ~100-170 ms, which set the
     # p99/max latency (udfs/gc_pauses.py, docs/performance.md). Off only to measure the difference.
