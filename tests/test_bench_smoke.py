@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e
 
 def test_bench_runs_and_accounts_for_every_event(live_services):
     sizes = BenchSizes(rate=200.0, duration_s=2.0, backlog=400, stage_events=300, exactly_once_duration_s=2.0,
-                       warmup_s=1.0)
+                       warmup_s=1.0, jit_warmup_events=100)
     result = run_bench(live_services, sizes)
     for name in ("full", "bare"):
         run = result[name]
@@ -23,6 +23,7 @@ def test_bench_runs_and_accounts_for_every_event(live_services):
         assert run["latency_run"]["measured_events"] == 400
     assert result["exactly_once"]["decisions"] == result["exactly_once"]["events"] == 400
     assert result["counts_ok"] is True
+    assert result["jit_warmup"]["decisions"] == result["jit_warmup"]["events"] == 100
     assert result["throughput_ratio"] > 0
     assert {"decode_validate", "inference", "rules", "encode", "total"} <= set(result["stages_us"])
     assert result["machine"]["execution_mode"] == "thread"
