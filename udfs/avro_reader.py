@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable
 
+from udfs.avro_codegen import SchemaCodeGenerator, Unsupported
+
 Reader = Callable[[bytes, int], tuple[Any, int]]
 
 _unpack_double = struct.Struct("<d").unpack_from
@@ -38,25 +40,8 @@ def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint of ten bytes")
 
 
-class _Unsupported(Exception):
-    pass
-
-
-class _Generator:
+class _ReaderGenerator(SchemaCodeGenerator):
     """Emits the body of ``read(b, p)``: ``b`` the bytes, ``p`` the position, ``E`` their length."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.constants: dict[str, Any] = {}
-        self.named: dict[str, Any] = {}
-        self.count = 0
-
-    def name(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}{self.count}"
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
 
     def long(self, indent: int, target: str) -> None:
         """``target`` = the next Avro int/long (one-byte values inline)."""
@@ -70,19 +55,7 @@ class _Generator:
         self.emit(indent, "if n < 0 or p + n > E: raise EOFError")
         self.emit(indent, f"{target} = b[p:p + n]{convert}; p += n")
 
-    def value(self, schema: Any, target: str, indent: int) -> None:
-        if isinstance(schema, list):
-            return self.union(schema, target, indent)
-        if isinstance(schema, str):
-            if schema in self.named:
-                return self.value(self.named[schema], target, indent)
-            kind = schema
-        elif isinstance(schema, dict):
-            kind = schema["type"]
-            if isinstance(kind, (list, dict)) or kind in self.named:
-                return self.value(kind, target, indent)
-        else:
-            raise _Unsupported(repr(schema))
+    def kind(self, kind: str, schema: Any, target: str, indent: int) -> None:
         if kind == "null":
             self.emit(indent, f"{target} = None")
         elif kind == "boolean":
@@ -100,12 +73,10 @@ class _Generator:
         elif kind == "bytes":
             self.sized(indent, target, "")
         elif kind == "fixed":
-            self.named[schema["name"]] = schema
             size = int(schema["size"])
             self.emit(indent, f"if p + {size} > E: raise EOFError")
             self.emit(indent, f"{target} = b[p:p + {size}]; p += {size}")
         elif kind == "enum":
-            self.named[schema["name"]] = schema
             symbols = self.name("S")
             self.constants[symbols] = tuple(schema["symbols"])
             self.long(indent, "i")
@@ -114,16 +85,13 @@ class _Generator:
         elif kind in ("array", "map"):
             self.collection(schema, kind, target, indent)
         elif kind == "record":
-            self.named[schema["name"]] = schema
-            if "namespace" in schema:
-                self.named[f"{schema['namespace']}.{schema['name']}"] = schema
             names = [self.name("f") for _ in schema["fields"]]
             for field, local in zip(schema["fields"], names):
                 self.value(field["type"], local, indent)
             fields = ", ".join(f"{f['name']!r}: {local}" for f, local in zip(schema["fields"], names))
             self.emit(indent, f"{target} = {{{fields}}}")
         else:
-            raise _Unsupported(str(kind))
+            raise Unsupported(str(kind))
 
     def collection(self, schema: Any, kind: str, target: str, indent: int) -> None:
         """Arrays and maps: blocks of ``count`` items until a zero count; a negative count has a byte size."""
@@ -147,14 +115,12 @@ class _Generator:
         self.emit(indent, f"{target} = {items}")
 
     def union(self, branches: list[Any], target: str, indent: int) -> None:
-        if len(branches) != 2 or "null" not in branches:
-            raise _Unsupported(f"union {branches}")
-        null_index = branches.index("null")
+        null_index, other = self.null_union(branches)
         self.emit(indent, "x = b[p]; p += 1")  # index 0 or 1: one zig-zag byte, 0x00 or 0x02
         self.emit(indent, f"if x == {2 * null_index}:")
         self.emit(indent + 1, f"{target} = None")
         self.emit(indent, f"elif x == {2 * (1 - null_index)}:")
-        self.value(branches[1 - null_index], target, indent + 1)
+        self.value(other, target, indent + 1)
         self.emit(indent, "else:")
         self.emit(indent + 1, "raise ValueError")
 
@@ -162,17 +128,12 @@ class _Generator:
 def compile_reader(schema: Any) -> Reader | None:
     """``read(payload, start) -> (record, end)`` for records written with ``schema`` (parsed or JSON form), or
     None when the schema uses something this generator does not compile (then use fastavro)."""
-    generator = _Generator()
+    generator = _ReaderGenerator()
     generator.emit(1, "E = len(b)")
     try:
         generator.value(schema, "record", 1)
-    except _Unsupported:
+    except Unsupported:
         return None
     generator.emit(1, "return record, p")
-    source = "def read(b, p):\n" + "\n".join(generator.lines) + "\n"
-    namespace = {"VARINT": read_varint, "UD": _unpack_double, "UF": _unpack_float, **generator.constants}
-    label = schema.get("name", "?") if isinstance(schema, dict) else "?"
-    exec(compile(source, f"<avro reader {label}>", "exec"), namespace)
-    read = namespace["read"]
-    read.source = source  # for debugging: the generated code
-    return read
+    return generator.build("def read(b, p):", schema, "reader",
+                           {"VARINT": read_varint, "UD": _unpack_double, "UF": _unpack_float})

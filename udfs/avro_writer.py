@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable
 
+from udfs.avro_codegen import SchemaCodeGenerator, Unsupported
+
 Writer = Callable[[Any], bytes]
 
 _pack_double = struct.Struct("<d").pack
@@ -37,42 +39,13 @@ def zigzag_varint(n: int) -> bytes:
 _LENGTHS = tuple(zigzag_varint(i) for i in range(4096))
 
 
-class _Unsupported(Exception):
-    pass
-
-
-class _Generator:
+class _WriterGenerator(SchemaCodeGenerator):
     """Emits the body of ``write(record)``: each value is appended to ``out`` through ``a``."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.constants: dict[str, Any] = {}
-        self.named: dict[str, Any] = {}
-        self.count = 0
-
-    def name(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}{self.count}"
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
 
     def length(self, indent: int, expr: str) -> None:
         self.emit(indent, f"n = len({expr}); a(N[n] if n < 4096 else V(n))")
 
-    def value(self, schema: Any, expr: str, indent: int) -> None:
-        if isinstance(schema, list):
-            return self.union(schema, expr, indent)
-        if isinstance(schema, str):
-            if schema in self.named:
-                return self.value(self.named[schema], expr, indent)
-            kind = schema
-        elif isinstance(schema, dict):
-            kind = schema["type"]
-            if isinstance(kind, (list, dict)) or kind in self.named:  # {"type": <a type>}: that type
-                return self.value(kind, expr, indent)
-        else:
-            raise _Unsupported(repr(schema))
+    def kind(self, kind: str, schema: Any, expr: str, indent: int) -> None:
         if kind == "null":
             return
         if kind == "boolean":
@@ -94,13 +67,11 @@ class _Generator:
             self.length(indent, s)
             self.emit(indent, f"a({s})")
         elif kind == "fixed":
-            self.named[schema["name"]] = schema
             s = self.name("f")
             self.emit(indent, f"{s} = bytes({expr})")
             self.emit(indent, f"if len({s}) != {int(schema['size'])}: raise ValueError('fixed size')")
             self.emit(indent, f"a({s})")
         elif kind == "enum":
-            self.named[schema["name"]] = schema
             table = self.name("E")
             self.constants[table] = {s: zigzag_varint(i) for i, s in enumerate(schema["symbols"])}
             self.emit(indent, f"a({table}[{expr}])")
@@ -124,9 +95,6 @@ class _Generator:
             self.value(schema["values"], value, indent + 2)
             self.emit(indent, "a(b'\\x00')")
         elif kind == "record":
-            self.named[schema["name"]] = schema
-            if "namespace" in schema:
-                self.named[f"{schema['namespace']}.{schema['name']}"] = schema
             record = self.name("r")
             self.emit(indent, f"{record} = {expr}")
             for field in schema["fields"]:
@@ -135,36 +103,28 @@ class _Generator:
                 read = f"{record}.get({field['name']!r})" if nullable else f"{record}[{field['name']!r}]"
                 self.value(field["type"], read, indent)
         else:
-            raise _Unsupported(str(kind))
+            raise Unsupported(str(kind))
 
     def union(self, branches: list[Any], expr: str, indent: int) -> None:
-        if len(branches) != 2 or "null" not in branches:
-            raise _Unsupported(f"union {branches}")
-        null_index = branches.index("null")
+        null_index, other = self.null_union(branches)
         value = self.name("u")
         self.emit(indent, f"{value} = {expr}")
         self.emit(indent, f"if {value} is None:")
         self.emit(indent + 1, f"a({zigzag_varint(null_index)!r})")
         self.emit(indent, "else:")
         self.emit(indent + 1, f"a({zigzag_varint(1 - null_index)!r})")
-        self.value(branches[1 - null_index], value, indent + 1)
+        self.value(other, value, indent + 1)
 
 
 def compile_writer(schema: Any, header: bytes = b"") -> Writer | None:
     """``write(record) -> header + Avro body`` for ``schema`` (the JSON form, as in the .avsc file), or None when
     the schema uses something this generator does not compile (then use fastavro)."""
-    generator = _Generator()
+    generator = _WriterGenerator()
     generator.emit(1, "out = [HEADER]; a = out.append")
     try:
         generator.value(schema, "record", 1)
-    except _Unsupported:
+    except Unsupported:
         return None
     generator.emit(1, "return b''.join(out)")
-    source = "def write(record):\n" + "\n".join(generator.lines) + "\n"
-    namespace = {"N": _LENGTHS, "V": zigzag_varint, "D": _pack_double, "F": _pack_float, "HEADER": header,
-                 **generator.constants}
-    exec(compile(source, f"<avro writer {schema.get('name', '?') if isinstance(schema, dict) else '?'}>", "exec"),
-         namespace)
-    write = namespace["write"]
-    write.source = source  # for debugging: the generated code
-    return write
+    return generator.build("def write(record):", schema, "writer",
+                           {"N": _LENGTHS, "V": zigzag_varint, "D": _pack_double, "F": _pack_float, "HEADER": header})
