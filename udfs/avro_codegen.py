@@ -69,6 +69,18 @@ class SchemaCodeGenerator:
         null_index = branches.index("null")
         return null_index, branches[1 - null_index]
 
+    def generate(self, schema: Any, *, header: str, prologue: str, epilogue: str, kind: str,
+                 namespace: dict[str, Any]) -> Callable[..., Any] | None:
+        """The function ``header`` whose body is ``prologue``, the code for one value of ``schema`` (held in
+        ``record``) and ``epilogue``; None when the schema has something not compiled (then use fastavro)."""
+        self.emit(1, prologue)
+        try:
+            self.value(schema, "record", 1)
+        except Unsupported:
+            return None
+        self.emit(1, epilogue)
+        return self.build(header, schema, kind, namespace)
+
     def build(self, header: str, schema: Any, kind: str, namespace: dict[str, Any]) -> Callable[..., Any]:
         """Compile ``header`` + the emitted lines into a function; ``kind`` and the schema's name label it in
         tracebacks; its source is kept as ``.source`` for debugging."""

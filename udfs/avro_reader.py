@@ -128,12 +128,6 @@ class _ReaderGenerator(SchemaCodeGenerator):
 def compile_reader(schema: Any) -> Reader | None:
     """``read(payload, start) -> (record, end)`` for records written with ``schema`` (parsed or JSON form), or
     None when the schema uses something this generator does not compile (then use fastavro)."""
-    generator = _ReaderGenerator()
-    generator.emit(1, "E = len(b)")
-    try:
-        generator.value(schema, "record", 1)
-    except Unsupported:
-        return None
-    generator.emit(1, "return record, p")
-    return generator.build("def read(b, p):", schema, "reader",
-                           {"VARINT": read_varint, "UD": _unpack_double, "UF": _unpack_float})
+    return _ReaderGenerator().generate(
+        schema, header="def read(b, p):", prologue="E = len(b)", epilogue="return record, p", kind="reader",
+        namespace={"VARINT": read_varint, "UD": _unpack_double, "UF": _unpack_float})

@@ -119,12 +119,7 @@ class _WriterGenerator(SchemaCodeGenerator):
 def compile_writer(schema: Any, header: bytes = b"") -> Writer | None:
     """``write(record) -> header + Avro body`` for ``schema`` (the JSON form, as in the .avsc file), or None when
     the schema uses something this generator does not compile (then use fastavro)."""
-    generator = _WriterGenerator()
-    generator.emit(1, "out = [HEADER]; a = out.append")
-    try:
-        generator.value(schema, "record", 1)
-    except Unsupported:
-        return None
-    generator.emit(1, "return b''.join(out)")
-    return generator.build("def write(record):", schema, "writer",
-                           {"N": _LENGTHS, "V": zigzag_varint, "D": _pack_double, "F": _pack_float, "HEADER": header})
+    return _WriterGenerator().generate(
+        schema, header="def write(record):", prologue="out = [HEADER]; a = out.append",
+        epilogue="return b''.join(out)", kind="writer",
+        namespace={"N": _LENGTHS, "V": zigzag_varint, "D": _pack_double, "F": _pack_float, "HEADER": header})
