@@ -243,4 +243,4 @@ def test_state_ttl_descriptor_needs_no_jvm(monkeypatch):
     strategies = descriptor._ttl_config.get_cleanup_strategies()
     assert strategies.get_rocksdb_compact_filter_cleanup_strategy().get_query_time_after_num_entries() == 1000
     assert strategies.in_full_snapshot()
-    assert strategies.get_incremental_cleanup_strategy().get_cleanup_size() == 10
+    assert strategies.get_incremental_cleanup_strategy().get_cleanup_size() == 2

@@ -67,7 +67,11 @@ def _now_ms() -> int:
 
 def _descriptor(name: str, ttl_ms: int) -> ValueStateDescriptor:
     """A pickled-bytes value state, expiring ``ttl_ms`` after its last write when ``ttl_ms`` > 0 (cleaned up in
-    full snapshots, incrementally on access, and by RocksDB's compaction filter)."""
+    full snapshots, incrementally on access, and by RocksDB's compaction filter).
+
+    Incremental cleanup (heap backend) visits 2 entries per state access, 4 per event: at 1,000 events/s a
+    million idle profiles are swept in ~4 minutes, against a TTL of days. With 10 per access it was a quarter of
+    the keyed thread's time in Java code (JFR, 4,000 events/s)."""
     descriptor = ValueStateDescriptor(name, Types.PICKLED_BYTE_ARRAY())
     if ttl_ms > 0:
         from pyflink.common.time import Duration, Time
@@ -81,7 +85,7 @@ def _descriptor(name: str, ttl_ms: int) -> ValueStateDescriptor:
         descriptor.enable_time_to_live(
             StateTtlConfig.new_builder(Time.milliseconds(ttl_ms)).update_ttl_on_create_and_write()
             .never_return_expired().disable_cleanup_in_background().cleanup_full_snapshot()
-            .cleanup_incrementally(10, False).cleanup_in_rocksdb_compact_filter(1000, Duration(None)).build())
+            .cleanup_incrementally(2, False).cleanup_in_rocksdb_compact_filter(1000, Duration(None)).build())
     return descriptor
 
 
