@@ -210,7 +210,7 @@ class Bench:
     def latency(self, variant: str, pool: EventPool, delivery: str = "at-least-once",
                 duration_s: float | None = None) -> dict[str, Any]:
         from jobs import flink_jobs
-        from jobs.kafka_io import make_producer, produce
+        from jobs.load_generator import paced_produce
 
         duration_s = duration_s or self.sizes.duration_s
         warmup_s = self.sizes.warmup_s if delivery == "at-least-once" else 0.0
@@ -237,9 +237,7 @@ class Bench:
                 # is when a read_committed consumer can see it, so read concurrently and stamp on receipt.
                 reader = _ConcurrentReader(cfg, variant, n, timeout_s=60 + 3 * cfg.checkpoint_interval_ms / 1000)
                 reader.start()
-            producer = make_producer(self.cfg, linger_ms=0)
-            produce(producer, cfg.input_topic, ((k, v) for k, v, _ in records), rate=self.sizes.rate, stamp=stamp)
-            producer.close()
+            paced_produce(self.cfg, cfg.input_topic, ((k, v) for k, v, _ in records), self.sizes.rate, stamp)
             if delivery == "exactly-once":
                 reader.join()
                 out = reader.received
