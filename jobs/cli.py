@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1000.0, help="events per second (default 1000)")
     p.add_argument("--malformed", type=int, default=4, help="malformed records to show the dead-letter path")
     p = add("bench", cmd_bench, "measure throughput and latency on the real services against a bare baseline")
-    p.add_argument("--quick", action="store_true", help="small sizes (< 3 minutes; latency of a cold job, indicative) instead of the full run (6-9 minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes (< 3 minutes; latency of a cold job, indicative) instead of the full run (5.5-7 minutes)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     p.add_argument("--stages-only", action="store_true", help="only the in-process per-stage microbenchmark")
     p.add_argument("--rate", type=float, help="events/s for the latency runs (default 1000)")
