@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -55,8 +55,19 @@ class ProduceReport:
         return self.sent / self.seconds if self.seconds else 0.0
 
 
+class RecordSender(Protocol):
+    """What :func:`produce` needs of a producer: kafka-python's ``KafkaProducer`` or the benchmark's librdkafka
+    one (jobs/load_generator.py)."""
+
+    def send(self, topic: str, key: bytes | None = ..., value: bytes | None = ...) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
 def produce(
-    producer: KafkaProducer,
+    producer: RecordSender,
     topic: str,
     records: Iterable[tuple[bytes | None, bytes]],
     rate: float | None = None,
