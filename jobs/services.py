@@ -654,7 +654,7 @@ def _write_flink_lib(p: _Paths, job_jars: list[Path]) -> None:
     flink-python on the TaskManager's own classpath pemja is loaded once, by the parent classloader.
 
     The job jars are here for a like reason: a job's user classloader is never collected after the job ends
-    (measured: 16 jobs left 16 loaders of ~1,850 classes each, 260 MB of the TaskManager's 256 MB metaspace, the
+    (measured: 16 jobs left 16 loaders of ~1,850 classes each, 254 of the TaskManager's 256 MiB of metaspace, the
     next job fails with OutOfMemoryError: Metaspace), and every job's copy of the Kafka client was compiled
     again by the JIT (a third of a core in the first minute of each job). Loaded once from here, parent-first
     (``flink_cluster_settings``), the copies jobs still ship are never read on this cluster.
