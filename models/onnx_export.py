@@ -2,21 +2,23 @@
 
 Graph (one ``run()`` computes everything)::
 
-    features float32 [N, F] --Gather(segment columns)--> standardize -> squared distances to centroids
+    features float32 [N, F] --Gather(segment columns)--> minus raw-space centroids -> / scale -> squared sums
                           |                                     --> ArgMin [-> Gather(ids)] --> segment int64 [N]
                           |                                     `-> Sqrt   --> distances float32 [N, k]
-                          `--> churn classifier (skl2onnx, raw score) -> Platt sigmoid --> churn float32 [N]
+                          `--> churn: MatMul(folded weights) + bias -> Sigmoid             --> churn float32 [N]
+                               (or, for a tree model: skl2onnx raw score -> Platt sigmoid)
 
-The churn classifier (logistic regression pipeline or histogram gradient boosting) is converted with skl2onnx;
-the segmentation part (8 nodes) and the calibration head are built here (see :func:`_segment_branch` and
-:func:`_churn_branch` for why). Nodes nobody's output needs are dropped. ``segment`` is the segment's stable
-id (:mod:`models.segment_ids`): the cluster index itself for a first model, looked up in an id table when a
-retrain kept its parent's ids and those are not 0..k-1.
+The segmentation part (6 nodes) and the churn head are built here (see :func:`_segment_branch` and
+:func:`_churn_branch` for why); a churn model that is not a calibrated logistic regression is converted with
+skl2onnx. Nodes nobody's output needs are dropped. ``segment`` is the segment's stable id
+(:mod:`models.segment_ids`): the cluster index itself for a first model, looked up in an id table when a
+retrain kept its parent's ids and those are not 0..k-1. Few nodes on purpose: the stream runs the graph once
+per event on one row, where the cost is per node, not per multiply-add.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -52,25 +54,78 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
         node.output[:] = [new if n == old else n for n in node.output]
 
 
-def _churn_branch(model: Any, n_features: int) -> tuple[onnx.ModelProto, list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The churn part: skl2onnx graph reading ``features`` plus the nodes that turn its output into ``churn``.
+class _ChurnBranch(NamedTuple):
+    """The churn part of the graph: nodes reading ``features`` and writing ``churn``, their initializers, and the
+    operator sets (and IR version) the converted classifier needs, if it came from skl2onnx."""
 
-    A sigmoid-calibrated classifier with a single calibrator (``CalibratedClassifierCV(ensemble=False)``) is
-    converted as base estimator (raw decision function, via skl2onnx) followed by the Platt scaling done here:
-    ``churn = sigmoid(-(a * decision + b))`` -- 3 nodes instead of the ~9 of skl2onnx's generic calibration
-    graph. Anything else is converted as a whole and its positive-class probability taken.
-    """
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    opsets: dict[str, int]
+    ir_version: int | None
+
+
+def _single_sigmoid(final: Any) -> bool:
+    """A sigmoid-calibrated binary classifier with one calibrator (``CalibratedClassifierCV(ensemble=False)``)."""
     from sklearn.calibration import CalibratedClassifierCV
+
+    return (isinstance(final, CalibratedClassifierCV) and final.method == "sigmoid"
+            and len(final.calibrated_classifiers_) == 1 and len(final.classes_) == 2)
+
+
+def linear_churn(model: Any) -> tuple[np.ndarray, float] | None:
+    """``(w, c)`` with ``churn = sigmoid(x . w + c)`` when ``model`` is a sigmoid-calibrated logistic regression
+    (``[StandardScaler ->] CalibratedClassifierCV(LogisticRegression, ensemble=False)``); None otherwise.
+
+    Scaler, linear decision function and Platt scaling are all affine, so they fold into one weight vector
+    (computed in float64): ``-(a * (((x - m) / s) . v + i) + b)``. The graph then needs 3 nodes instead of the 9
+    of skl2onnx's scaler + linear classifier + the calibration head.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    steps = [step for _name, step in model.steps] if hasattr(model, "steps") else [model]
+    final, pre = steps[-1], steps[:-1]
+    if not _single_sigmoid(final) or len(pre) > 1 or (pre and not isinstance(pre[0], StandardScaler)):
+        return None
+    calibrated = final.calibrated_classifiers_[0]
+    base, calibrator = calibrated.estimator, calibrated.calibrators[0]
+    if not isinstance(base, LogisticRegression) or base.coef_.shape[0] != 1:
+        return None
+    v, i = base.coef_[0].astype(np.float64), float(base.intercept_[0])
+    if pre:
+        scaler = pre[0]
+        mean = scaler.mean_ if scaler.with_mean else np.zeros_like(v)
+        scale = scaler.scale_ if scaler.with_std else np.ones_like(v)
+        v, i = v / scale, i - float(np.dot(mean / scale, v))
+    a, b = float(calibrator.a_), float(calibrator.b_)
+    return -a * v, -a * i - b
+
+
+def _churn_branch(model: Any, n_features: int) -> _ChurnBranch:
+    """The churn part: ``churn`` [N] from ``features``.
+
+    * A calibrated logistic regression (:func:`linear_churn`): ``Sigmoid(MatMul(features, w) + c)``.
+    * Another single-calibrator sigmoid-calibrated classifier: the base estimator's raw decision function via
+      skl2onnx, followed by the Platt scaling done here: ``churn = sigmoid(-(a * decision + b))`` -- 3 nodes
+      instead of the ~9 of skl2onnx's generic calibration graph.
+    * Anything else is converted as a whole and its positive-class probability taken.
+    """
     from sklearn.pipeline import Pipeline
 
+    linear = linear_churn(model)
+    if linear is not None:
+        w, c = linear
+        init = [numpy_helper.from_array(w.astype(np.float32), "churn_weights"),
+                numpy_helper.from_array(np.asarray(c, dtype=np.float32), "churn_bias")]
+        nodes = [
+            helper.make_node("MatMul", [INPUT, "churn_weights"], ["churn_score"], name="churn_linear"),  # [N]
+            helper.make_node("Add", ["churn_score", "churn_bias"], ["churn_logit"], name="churn_bias"),
+            helper.make_node("Sigmoid", ["churn_logit"], ["churn"], name="churn_sigmoid"),
+        ]
+        return _ChurnBranch(nodes, init, {}, None)
     final = _final_estimator(model)
     pre = list(model.steps[:-1]) if hasattr(model, "steps") else []
-    single_sigmoid = (
-        isinstance(final, CalibratedClassifierCV)
-        and final.method == "sigmoid"
-        and len(final.calibrated_classifiers_) == 1
-        and len(final.classes_) == 2
-    )
+    single_sigmoid = _single_sigmoid(final)
     if single_sigmoid:
         calibrated = final.calibrated_classifiers_[0]
         base = calibrated.estimator
@@ -83,8 +138,11 @@ def _churn_branch(model: Any, n_features: int) -> tuple[onnx.ModelProto, list[on
     _rename(churn.graph, churn.graph.input[0].name, INPUT)
     scores = next(o.name for o in churn.graph.output if "prob" in o.name)  # [N, 2]; column 1: positive class
     init = [numpy_helper.from_array(np.asarray(1, dtype=np.int64), "glue_positive_class")]
+    opsets = {imp.domain: int(imp.version) for imp in churn.opset_import}
+    converted = list(churn.graph.node), list(churn.graph.initializer)
     if not single_sigmoid:
-        return churn, [helper.make_node("Gather", [scores, "glue_positive_class"], ["churn"], axis=1, name="glue_churn")], init
+        nodes = [helper.make_node("Gather", [scores, "glue_positive_class"], ["churn"], axis=1, name="glue_churn")]
+        return _ChurnBranch(converted[0] + nodes, converted[1] + init, opsets, churn.ir_version)
     init += [
         numpy_helper.from_array(np.asarray(-calibrator.a_, dtype=np.float32), "glue_platt_neg_a"),
         numpy_helper.from_array(np.asarray(-calibrator.b_, dtype=np.float32), "glue_platt_neg_b"),
@@ -95,7 +153,7 @@ def _churn_branch(model: Any, n_features: int) -> tuple[onnx.ModelProto, list[on
         helper.make_node("Add", ["glue_platt_scaled", "glue_platt_neg_b"], ["glue_platt_logit"], name="glue_platt_add"),
         helper.make_node("Sigmoid", ["glue_platt_logit"], ["churn"], name="glue_churn"),
     ]
-    return churn, nodes, init
+    return _ChurnBranch(converted[0] + nodes, converted[1] + init, opsets, churn.ir_version)
 
 
 def _checked_segment_ids(segment_ids: Sequence[int] | None, k: int) -> list[int] | None:
@@ -123,7 +181,12 @@ def _segment_branch(
     Built by hand rather than with skl2onnx's KMeans converter: that one expands ``|z|^2 - 2 z.c + |c|^2`` in
     float32, which cancels to a small negative number -- and ``Sqrt`` to NaN -- for a point sitting on a
     centroid (seen with small training sets). Here the differences are squared directly: never negative, and
-    closer to scikit-learn's float64 result. 8 nodes (9 with the id lookup).
+    closer to scikit-learn's float64 result.
+
+    The scaler is folded into the centroids: ``(x - m)/s - c == (x - (m + s*c))/s``, so the graph subtracts the
+    centroids in raw feature space and divides once; the ``Gather`` of the columns uses [1, Fs] indices and so
+    yields [N, 1, Fs] directly (no ``Unsqueeze``). 6 nodes (7 with the id lookup) instead of 8: the stream runs
+    the graph once per event on one row, where each node costs ~1 µs of dispatch.
     """
     from sklearn.cluster import KMeans
     from sklearn.preprocessing import StandardScaler
@@ -135,19 +198,16 @@ def _segment_branch(
     ids = _checked_segment_ids(segment_ids, kmeans.n_clusters)
     mean = scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)
     scale = scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)
+    raw_centers = mean[None, :] + scale[None, :] * kmeans.cluster_centers_  # float64, cast once below
     init = [
-        numpy_helper.from_array(np.asarray(segment_index, dtype=np.int64), "seg_columns"),
-        numpy_helper.from_array(mean.astype(np.float32), "seg_mean"),
+        numpy_helper.from_array(np.asarray([segment_index], dtype=np.int64), "seg_columns"),  # [1, Fs]
+        numpy_helper.from_array(raw_centers.astype(np.float32)[None, :, :], "seg_raw_centers"),  # [1, k, Fs]
         numpy_helper.from_array(scale.astype(np.float32), "seg_scale"),
-        numpy_helper.from_array(np.asarray([1], dtype=np.int64), "seg_axis1"),
-        numpy_helper.from_array(kmeans.cluster_centers_.astype(np.float32)[None, :, :], "seg_centers"),  # [1, k, Fs]
     ]
     nodes = [
-        helper.make_node("Gather", [INPUT, "seg_columns"], ["seg_x"], axis=1, name="seg_select_features"),
-        helper.make_node("Sub", ["seg_x", "seg_mean"], ["seg_centered"], name="seg_center"),
-        helper.make_node("Div", ["seg_centered", "seg_scale"], ["seg_z"], name="seg_scale"),
-        helper.make_node("Unsqueeze", ["seg_z", "seg_axis1"], ["seg_z3"], name="seg_unsqueeze"),  # [N, 1, Fs]
-        helper.make_node("Sub", ["seg_z3", "seg_centers"], ["seg_diff"], name="seg_diff"),  # [N, k, Fs]
+        helper.make_node("Gather", [INPUT, "seg_columns"], ["seg_x"], axis=1, name="seg_select_features"),  # [N, 1, Fs]
+        helper.make_node("Sub", ["seg_x", "seg_raw_centers"], ["seg_raw_diff"], name="seg_diff"),  # [N, k, Fs]
+        helper.make_node("Div", ["seg_raw_diff", "seg_scale"], ["seg_diff"], name="seg_scale"),
         helper.make_node("ReduceSumSquare", ["seg_diff"], ["seg_sq"], axes=[2], keepdims=0, name="seg_sq"),  # [N, k]
         helper.make_node("ArgMin", ["seg_sq"], ["seg_position" if ids else "segment"], axis=1, keepdims=0, name="seg_argmin"),
         helper.make_node("Sqrt", ["seg_sq"], ["distances"], name="seg_sqrt"),
@@ -168,9 +228,9 @@ def build_graph(segment_pipeline: Any, segment_index: list[int], churn_model: An
     """
     n_features = len(FEATURE_NAMES)
     seg_nodes, seg_init = _segment_branch(segment_pipeline, segment_index, segment_ids)
-    churn, churn_nodes, churn_init = _churn_branch(churn_model, n_features)
+    churn = _churn_branch(churn_model, n_features)
     graph = helper.make_graph(
-        seg_nodes + list(churn.graph.node) + churn_nodes,
+        seg_nodes + churn.nodes,
         "onramp_segments_and_churn",
         inputs=[helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", n_features])],
         outputs=[
@@ -178,7 +238,7 @@ def build_graph(segment_pipeline: Any, segment_index: list[int], churn_model: An
             helper.make_tensor_value_info("distances", TensorProto.FLOAT, ["N", k]),
             helper.make_tensor_value_info("churn", TensorProto.FLOAT, ["N"]),
         ],
-        initializer=seg_init + churn_init + list(churn.graph.initializer),
+        initializer=seg_init + churn.initializers,
     )
     # Drop what no output needs (e.g. the classifiers' label branches).
     needed = {"segment", "distances", "churn"}
@@ -193,15 +253,18 @@ def build_graph(segment_pipeline: Any, segment_index: list[int], churn_model: An
     del graph.initializer[:]
     graph.initializer.extend(used_init)
     opsets: dict[str, int] = {"": TARGET_OPSET[""]}
-    for imp in churn.opset_import:
-        opsets[imp.domain] = max(opsets.get(imp.domain, 0), imp.version)
+    for domain, version in churn.opsets.items():
+        opsets[domain] = max(opsets.get(domain, 0), version)
+    opset_imports = [helper.make_opsetid(d, v) for d, v in sorted(opsets.items())]
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+        opset_imports=opset_imports,
         producer_name="onramp",
         doc_string="Onramp onboarding segments (KMeans) and churn risk; input: features in manifest order.",
     )
-    model.ir_version = churn.ir_version
+    # skl2onnx's IR version when it converted a part (it knows what onnxruntime reads), else the oldest one the
+    # opsets allow: helper.make_model's default is the newest the onnx package knows, which a runtime may not.
+    model.ir_version = churn.ir_version or helper.find_min_ir_version_for(opset_imports)
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -15,7 +15,7 @@ from jobs.config import load_config
 from models import registry
 from models.generator import generate
 from models.onnx_export import check_parity, export_onnx, onnx_outputs, sklearn_outputs
-from models.training import TrainingParams, build_rows, group_by_user, replay_user, train, train_and_publish
+from models.training import TrainingParams, _choose_churn, build_rows, group_by_user, replay_user, train, train_and_publish
 from udfs.features import FEATURE_NAMES, compute_features
 from udfs.model_bundle import BundleError, ModelBundle, Scores, load_current
 from udfs.profile_state import apply_event, profile_from_state, profile_to_state
@@ -100,6 +100,41 @@ def test_churn_rows_do_not_see_the_future(data):
     assert np.all(np.expm1(churn.X[:, since]) <= max(params.churn_checkpoints_hours) + 1e-3)
     # censored users (horizon past the end of data) carry no label
     assert churn.censored_users > 0 and churn.users + churn.censored_users == len(by_user)
+
+
+def test_churn_choice_prefers_the_cheaper_model_unless_clearly_better():
+    results = {"logistic_regression": {"auc": 0.880}, "hist_gradient_boosting": {"auc": 0.884}}
+    assert _choose_churn(results, 0.005) == "logistic_regression"
+    results["hist_gradient_boosting"]["auc"] = 0.886
+    assert _choose_churn(results, 0.005) == "hist_gradient_boosting"
+    assert _choose_churn({"logistic_regression": {"auc": None}, "hist_gradient_boosting": {"auc": 0.6}}, 0.005) \
+        == "hist_gradient_boosting"
+
+
+def test_logistic_churn_folds_into_three_nodes(data):
+    """A calibrated logistic regression (forced here by a margin no tree model can clear) is exported as one
+    MatMul + Add + Sigmoid, next to the 6-node segment branch, and reproduces scikit-learn."""
+    events, truths = data
+    linear = train(events, TrainingParams(half_life_hours=72.0, seed=7, churn_auc_margin=1.0), truths)
+    assert linear.churn.kind == "logistic_regression"
+    model_bytes, _opset = export_onnx(linear)
+    ops = [n.op_type for n in onnx.load_from_string(model_bytes).graph.node]
+    assert sorted(ops) == sorted(["Gather", "Sub", "Div", "ReduceSumSquare", "ArgMin", "Sqrt",
+                                  "MatMul", "Add", "Sigmoid"]), ops
+    parity = check_parity(model_bytes, linear)
+    assert parity["ok"], parity
+
+
+def test_tree_churn_model_exports_with_parity(data):
+    """A margin below zero makes boosting win: the skl2onnx tree ensemble + Platt head must reproduce sklearn."""
+    events, truths = data
+    trees = train(events, TrainingParams(half_life_hours=72.0, seed=7, churn_auc_margin=-1.0), truths)
+    assert trees.churn.kind == "hist_gradient_boosting"
+    model_bytes, opset = export_onnx(trees)
+    assert "TreeEnsembleClassifier" in [n.op_type for n in onnx.load_from_string(model_bytes).graph.node]
+    assert opset["ai.onnx.ml"] >= 1
+    parity = check_parity(model_bytes, trees)
+    assert parity["ok"], parity
 
 
 def test_quality_on_generator_data(trained):
