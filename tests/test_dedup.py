@@ -10,7 +10,7 @@ import pickle
 from models.generator import generate
 from models.training import group_by_user, replay_user
 from udfs.avro_codec import decision_codec, event_codec
-from udfs.dedup import id_key, is_duplicate, remember
+from udfs.dedup import id_key, is_duplicate, remember, remembered
 from udfs.features import compute_features
 from udfs.personalizer import Personalizer
 from udfs.profile_state import Profile, ProfilePolicy, fold_event, profile_from_state, profile_to_state
@@ -45,9 +45,9 @@ def test_an_id_older_than_the_window_is_forgotten_and_processed_again():
     old = _consenting(t=NOW_MS)
     fold_event(profile, old, HALF_LIFE)
     fold_event(profile, _consenting(t=NOW_MS + WINDOW), HALF_LIFE)  # exactly at the window's edge: kept
-    assert id_key(old["event_id"]) in profile.recent_event_ids
+    assert id_key(old["event_id"]) in remembered(profile)
     fold_event(profile, _consenting(t=NOW_MS + WINDOW + 1), HALF_LIFE)  # now older than the window
-    assert id_key(old["event_id"]) not in profile.recent_event_ids
+    assert id_key(old["event_id"]) not in remembered(profile)
     assert fold_event(profile, old, HALF_LIFE) is True  # outside the window: not a duplicate any more
     assert profile.counts["page_view"] == 4
 
@@ -57,9 +57,9 @@ def test_ids_are_kept_in_time_order_and_capped_oldest_first():
     events = [make_event(t=NOW_MS + i) for i in (5, 1, 3, 2, 4)]  # arrival order differs from event time
     for e in events:
         remember(profile, e, WINDOW, 3)
-    assert [t - NOW_MS for t in profile.recent_event_ids.values()] == [3, 4, 5]
+    assert [t - NOW_MS for t in remembered(profile).values()] == [3, 4, 5]
     kept = {id_key(e["event_id"]) for e in events if e["event_time"] - NOW_MS >= 3}
-    assert set(profile.recent_event_ids) == kept
+    assert set(remembered(profile)) == kept
 
 
 def test_zero_window_disables_deduplication():
@@ -67,18 +67,18 @@ def test_zero_window_disables_deduplication():
     profile = Profile()
     event = _consenting()
     assert fold_event(profile, event, HALF_LIFE, policy) and fold_event(profile, event, HALF_LIFE, policy)
-    assert profile.recent_event_ids == {} and profile.counts["page_view"] == 2
+    assert remembered(profile) == {} and profile.counts["page_view"] == 2
 
 
 def test_ids_survive_the_state_round_trip_and_old_states_read_without_them():
     profile = Profile()
     fold_event(profile, _consenting(), HALF_LIFE)
     restored = profile_from_state(pickle.loads(pickle.dumps(profile_to_state(profile))))
-    assert restored.recent_event_ids == profile.recent_event_ids
+    assert remembered(restored) == remembered(profile) != {}
     fmt, names, values = profile_to_state(profile)
-    kept = [i for i, name in enumerate(names) if name != "recent_event_ids"]
-    older = (fmt, tuple(names[i] for i in kept), tuple(values[i] for i in kept))  # written before the ids existed
-    assert profile_from_state(older).recent_event_ids == {}
+    kept = [i for i, name in enumerate(names) if name not in ("recent_id_keys", "recent_id_times")]
+    older = (1, tuple(names[i] for i in kept), tuple(values[i] for i in kept))  # written before the ids existed
+    assert remembered(profile_from_state(older)) == {}
 
 
 def test_keyed_function_gives_a_duplicate_no_decision_and_counts_it():
@@ -97,7 +97,7 @@ def test_erasure_clears_the_ids_with_the_rest():
     fn = _function()
     payload = event_codec().encode(make_event("signup"))
     _run(fn, payload)
-    assert profile_from_state(fn.profile_state.data).recent_event_ids
+    assert remembered(profile_from_state(fn.profile_state.data))
     _run(fn, event_codec().encode(make_event("erasure_requested")))
     assert fn.profile_state.data is None
     (out,) = _run(fn, payload)  # the profile is gone: the event is new to it
@@ -147,3 +147,4 @@ def test_training_replay_skips_duplicates_like_the_stream():
     assert len(events) <= answered < len(arrivals)  # the immediate redeliveries were skipped by both
     clean = group_by_user(events)  # without duplicates, every event is answered
     assert sum(len(list(replay_user(ev, HALF_LIFE))) for ev in clean.values()) == len(events)
+
