@@ -8,6 +8,7 @@ import pytest
 from jobs.config import ConfigError, load_config
 from models.training import TrainingParams, replay_user
 from udfs.avro_codec import decision_codec, event_codec
+from udfs.dedup import remembered
 from udfs.personalizer import Personalizer
 from udfs.profile_state import (DEFAULT_POLICY, Profile, ProfilePolicy, apply_event, clear_behaviour, fold_event,
                                 profile_from_state)
@@ -64,7 +65,7 @@ def test_without_consent_only_progress_is_kept(personalization):
     assert _behaviour(profile) == EMPTY
     assert profile.steps_done == ["welcome_tour", "profile_setup"] and profile.steps_skipped == ["connect_data"]
     assert profile.signup_ms == profile.first_seen_ms == NOW_MS and profile.completed_ms == NOW_MS + 4 * HOUR
-    assert profile.last_event_ms == NOW_MS + 4 * HOUR and len(profile.recent_event_ids) == 7
+    assert profile.last_event_ms == NOW_MS + 4 * HOUR and len(remembered(profile)) == 7
     assert profile.consent_personalization is personalization
 
 
@@ -149,10 +150,10 @@ def test_keyed_function_and_training_use_the_same_allow_list():
 
 def test_clear_behaviour_keeps_progress():
     profile = _fold([_signup(), *_activity()])
-    progress = (profile.steps_done[:], profile.signup_ms, profile.last_event_ms, dict(profile.recent_event_ids))
+    progress = (profile.steps_done[:], profile.signup_ms, profile.last_event_ms, remembered(profile))
     clear_behaviour(profile)
     assert _behaviour(profile) == EMPTY
-    assert (profile.steps_done, profile.signup_ms, profile.last_event_ms, profile.recent_event_ids) == progress
+    assert (profile.steps_done, profile.signup_ms, profile.last_event_ms, remembered(profile)) == progress
 
 
 def test_config_defaults_and_comma_separated_lists():

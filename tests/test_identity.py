@@ -5,18 +5,22 @@ exactly-once and at-least-once mode) checking exactly-once merging and complete 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import timeit
 
 import pytest
 
+from udfs.dedup import remembered
 from udfs.identity import (
     Claim, Erase, Forward, Handoff, IdentityMessageError, IdentityState, Outcome, Reject, claim_id_for,
     decode_message, encode_message, expire, forwardable, identity_from_state, identity_to_state, message_key,
     on_anon_event, on_claim, on_erase, on_erasure, on_forward, on_handoff, on_link, on_reject, restrict_consent)
 from udfs.personalizer import Personalizer
 from udfs.profile_state import (DEFAULT_POLICY, Profile, fold_event, profile_from_state, profile_to_state)
+
+_PROFILE_FIELDS = [f.name for f in dataclasses.fields(Profile)]
 
 HOUR = 3_600_000
 HALF_LIFE = 24 * HOUR
@@ -73,12 +77,50 @@ def test_handoff_of_a_newer_writer_with_an_unknown_field_decodes():
     assert profile_from_state(back.profile).sessions == 1
 
 
+def _format_1_wire(profile: Profile) -> list:
+    """How a job before the packed dedup ids (PROFILE_FORMAT 1) wrote a Handoff's profile: its state tuple with the
+    ``recent_event_ids`` dict as [id, time] pairs, in the position the packed fields took."""
+    names = [n for n in _PROFILE_FIELDS if n != "recent_id_times"]
+    names[names.index("recent_id_keys")] = "recent_event_ids"
+    return [1, names, [[[k, t] for k, t in remembered(profile).items()] if n == "recent_event_ids"
+                       else getattr(profile, n) for n in names]]
+
+
+def test_handoff_keeps_the_dedup_ids_and_the_wire_format_of_older_jobs():
+    anon = _profile(_event("e1", "page_view", T0 - 10, consent=True, topic="analytics"),
+                    _event("e3", "session_start", T0 - 2, consent=True),
+                    _event("e2", "feature_used", T0 - 5, consent=True, topic="automation"))  # late: re-sorted
+    handoff = Handoff(U, A, "c1", T0, profile_to_state(anon))
+    data = encode_message(handoff)
+    older = b"OI\x01" + json.dumps(["H", U, A, "c1", T0, _format_1_wire(anon)], separators=(",", ":"),
+                                    ensure_ascii=False).encode()
+    assert data == older  # byte for byte what a job of the previous version sends (and reads)
+    for message in (data, older):
+        back = profile_from_state(decode_message(message).profile)
+        assert back == anon and list(remembered(back).values()) == [T0 - 10, T0 - 5, T0 - 2]
+        merged = on_handoff(IdentityState(), Profile(), Handoff(U, A, "c1", T0, profile_to_state(back)),
+                            T0 + 1, WINDOW, HALF_LIFE, DEFAULT_POLICY).profile
+        assert remembered(merged) == remembered(anon)
+        again = on_handoff(IdentityState(merged={A: [T0, "c1"]}), merged, decode_message(message), T0 + 2, WINDOW,
+                           HALF_LIFE, DEFAULT_POLICY)
+        assert again.note == "duplicate_handoff"  # the containment check reads the packed ids
+
+
+def test_packed_dedup_fields_on_the_wire_are_an_error():
+    body = _format_1_wire(Profile())
+    body[1].append("recent_id_keys")
+    body[2].append("AAAAAAAAAAA=")
+    with pytest.raises(IdentityMessageError, match="recent_id_keys"):
+        decode_message(b"OI\x01" + json.dumps(["H", U, A, "c1", T0, body]).encode())
+
+
 @pytest.mark.parametrize("junk", [
     b"", b"OI", b"XX\x01[]", b"OI\x02[\"C\",\"a\",\"u\",\"c\",1]", b"OI\x01not json", b"OI\x01\xff\xfe",
     b"OI\x01{}", b"OI\x01[]", b"OI\x01[\"Z\",1]", b"OI\x01[\"C\",\"a\",\"u\",\"c\"]", b"OI\x01[\"C\",\"a\",\"\",\"c\",1]",
     b"OI\x01[\"C\",1,\"u\",\"c\",1]", b"OI\x01[\"C\",\"a\",\"u\",\"c\",\"1\"]", b"OI\x01[\"E\",\"a\",\"u\",true]",
     b"OI\x01[\"H\",\"u\",\"a\",\"c\",1,5]", b"OI\x01[\"H\",\"u\",\"a\",\"c\",1,[1,[\"counts\"],[5]]]",
     b"OI\x01[\"H\",\"u\",\"a\",\"c\",1,[1,[\"recent_event_ids\"],[{\"1\":2}]]]",
+    b"OI\x01[\"H\",\"u\",\"a\",\"c\",1,[1,[\"recent_event_ids\"],[[[-1,2]]]]]",
     b"OI\x01[\"H\",\"u\",\"a\",\"c\",1,[1,[\"interest\"],[{\"x\":[1]}]]]",
     b"OI\x01[\"H\",\"u\",\"a\",\"c\",1,[1,[\"sessions\"],[true]]]",
     b"OI\x01[\"F\",\"u\",\"a\",1,{\"event_id\":\"e\"}]", b"OI\x01[\"F\",\"u\",\"a\",1,[]]",
@@ -196,7 +238,7 @@ def test_handoff_for_a_claim_this_key_forgot_is_merged():
     anon = _profile(_event("e1", "page_view", T0 - 10, consent=True, topic="analytics"))
     out = on_handoff(IdentityState(), Profile(), Handoff(U, A, "cx", T0, profile_to_state(anon)), T0 + 1, WINDOW,
                      HALF_LIFE, DEFAULT_POLICY)
-    assert out.note == "unsolicited_handoff" and out.profile.recent_event_ids == anon.recent_event_ids
+    assert out.note == "unsolicited_handoff" and remembered(out.profile) == remembered(anon) != {}
 
 
 def test_replayed_handoff_with_unseen_events_is_merged_not_lost():
@@ -526,7 +568,7 @@ def _scenario(rng: random.Random, anon_consent: bool | None = True):
     return inputs, main, after
 
 
-PROGRESS = ("steps_done", "steps_skipped", "signup_ms", "completed_ms", "last_event_ms", "recent_event_ids",
+PROGRESS = ("steps_done", "steps_skipped", "signup_ms", "completed_ms", "last_event_ms",
             "consent_personalization", "consent_analytics", "consent_marketing")
 BEHAVIOUR = ("counts", "sessions", "last_step_ms", "demographic", "context")
 
@@ -535,6 +577,7 @@ def _projection(profile: Profile, behaviour: bool = True) -> dict:
     """What must be identical however the events were split and ordered. Left out: first_seen_ms, prev_gap_ms and
     the step gap sums, which the fold itself takes from arrival order (see udfs/profile_merge.py)."""
     out = {name: getattr(profile, name) for name in PROGRESS}
+    out["dedup_ids"] = remembered(profile)
     out["steps_done"], out["steps_skipped"] = sorted(profile.steps_done), sorted(profile.steps_skipped)
     if behaviour:
         out.update({name: getattr(profile, name) for name in BEHAVIOUR})

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from udfs.dedup import remembered
 from udfs.profile_merge import merge_profiles
 from udfs.profile_state import DEFAULT_POLICY, Profile, ProfilePolicy, fold_event, profile_from_state, profile_to_state
 
@@ -58,7 +59,7 @@ def _assert_equivalent(merged: Profile, whole: Profile, timings: bool = True) ->
                  "completed_ms", "last_step_ms", "demographic", "context", "consent_personalization",
                  "consent_analytics", "consent_marketing"):
         assert getattr(merged, name) == getattr(whole, name), name
-    assert list(merged.recent_event_ids.items()) == list(whole.recent_event_ids.items())
+    assert list(remembered(merged).items()) == list(remembered(whole).items())
     assert merged.interest.keys() == whole.interest.keys()
     for topic, (score, at) in whole.interest.items():
         assert merged.interest[topic][1] == at
@@ -106,8 +107,9 @@ def test_numeric_parts_are_symmetric():
     user = _fold([_event(3, "feature_used", T0 + HOUR, consent=True, topic="automation"),
                   _event(4, "session_start", T0 + 2 * HOUR)])
     ab, ba = merge_profiles(user, anon, HALF_LIFE, DEFAULT_POLICY), merge_profiles(anon, user, HALF_LIFE, DEFAULT_POLICY)
-    for name in ("counts", "sessions", "interest", "first_seen_ms", "last_event_ms", "recent_event_ids", "prev_gap_ms"):
+    for name in ("counts", "sessions", "interest", "first_seen_ms", "last_event_ms", "prev_gap_ms"):
         assert getattr(ab, name) == getattr(ba, name), name
+    assert remembered(ab) == remembered(ba)
 
 
 def test_user_values_win_and_anonymous_fills_gaps():
@@ -146,7 +148,7 @@ def test_no_user_consent_merges_progress_only(user_consent):
     assert (merged.prev_gap_ms, merged.last_step_ms, merged.step_gap_sum_ms, merged.step_gaps) == (0, 0, 0, 0)
     assert merged.steps_done == ["welcome_tour"]
     assert (merged.first_seen_ms, merged.signup_ms, merged.completed_ms) == (T0, T0 + HOUR, T0 + 20)
-    assert len(merged.recent_event_ids) == 4
+    assert len(remembered(merged)) == 4
 
 
 def test_anonymous_without_consent_adds_progress_to_consenting_user():
@@ -174,10 +176,10 @@ def test_dedup_ids_are_pruned_like_the_fold():
     anon_events = [_event(i, "page_view", T0 + i * HOUR, consent=True, topic="analytics") for i in range(8)]
     user_events = [_event(100 + i, "page_view", T0 + (9 + i) * HOUR, consent=True, topic="reporting") for i in range(3)]
     merged = merge_profiles(_fold(user_events, policy), _fold(anon_events, policy), HALF_LIFE, policy)
-    assert list(merged.recent_event_ids.items()) == list(_fold(anon_events + user_events, policy).recent_event_ids.items())
-    assert len(merged.recent_event_ids) == 5
+    assert list(remembered(merged).items()) == list(remembered(_fold(anon_events + user_events, policy)).items())
+    assert len(remembered(merged)) == 5
     off = ProfilePolicy(dedup_window_ms=0)
-    assert merge_profiles(_fold(user_events), _fold(anon_events), HALF_LIFE, off).recent_event_ids == {}
+    assert remembered(merge_profiles(_fold(user_events), _fold(anon_events), HALF_LIFE, off)) == {}
 
 
 def test_a_duplicate_of_a_merged_event_is_recognized():

@@ -113,7 +113,7 @@ def state_summary(state_values: dict[str, Any]) -> dict[str, Any]:
             continue
         stored = profile_to_state(value) if isinstance(value, Profile) else value
         if _is_state_tuple(stored):
-            names += [f"{name}.{n}" for n, v in zip(stored[1], stored[2]) if v not in (None, 0, "", [], {}, ())]
+            names += [f"{name}.{n}" for n, v in zip(stored[1], stored[2]) if v not in (None, 0, "", b"", [], {}, ())]
         else:
             names.append(name)
         size += len(pickle.dumps(stored, protocol=pickle.HIGHEST_PROTOCOL))

@@ -29,6 +29,7 @@ from hashlib import blake2b
 from operator import itemgetter
 from typing import Any, NamedTuple, Union
 
+from udfs.dedup import remembered
 from udfs.profile_merge import merge_profiles
 from udfs.profile_state import Profile, ProfilePolicy, ProfileState, profile_from_state, profile_to_state
 
@@ -158,10 +159,20 @@ def decode_message(data: bytes) -> Message:
 _PROFILE_TYPES = {f.name: f.type for f in fields(Profile)}
 
 
+# On the wire a profile keeps format 1's layout: the dedup ids as one ``recent_event_ids`` field of [id, time]
+# pairs where the state packs them in two bytes fields (JSON has no bytes), so jobs before and after the
+# packing (PROFILE_FORMAT 2) read each other's Handoffs during an upgrade.
+_WIRE_FORMAT = 1
+_WIRE_IDS = "recent_event_ids"
+_PACKED_IDS = ("recent_id_keys", "recent_id_times")
+_WIRE_NAMES = tuple(_WIRE_IDS if n == _PACKED_IDS[0] else n for n in _PROFILE_TYPES if n != _PACKED_IDS[1])
+
+
 def _profile_to_json(state: ProfileState) -> list:
-    fmt, names, values = state
-    return [fmt, list(names), [[[k, t] for k, t in v.items()] if n == "recent_event_ids" else v
-                               for n, v in zip(names, values)]]
+    profile = profile_from_state(state)
+    return [_WIRE_FORMAT, list(_WIRE_NAMES),
+            [[[k, t] for k, t in remembered(profile).items()] if n == _WIRE_IDS else getattr(profile, n)
+             for n in _WIRE_NAMES]]
 
 
 def _profile_from_json(body: Any) -> ProfileState:
@@ -171,21 +182,27 @@ def _profile_from_json(body: Any) -> ProfileState:
         raise IdentityMessageError("identity message Handoff: profile is not [format, names, values]")
     names, values = tuple(body[1]), list(body[2])
     for i, (name, value) in enumerate(zip(names, values)):
+        if name == _WIRE_IDS:  # left as format 1's dict: profile_from_state packs it
+            if not isinstance(value, list) or not all(_is_id_pair(p) for p in value):
+                raise IdentityMessageError("identity message Handoff: recent_event_ids is not [[id, time], ...]")
+            values[i] = {k: t for k, t in value}
+            continue
         kind = _PROFILE_TYPES.get(name)
         if kind is None:
             continue  # a newer writer's field: profile_from_state drops it
-        if name == "recent_event_ids":
-            if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 and _is_int(p[0])
-                                                      and _is_int(p[1]) for p in value):
-                raise IdentityMessageError("identity message Handoff: recent_event_ids is not [[id, time], ...]")
-            values[i] = {k: t for k, t in value}
-        elif not _matches(kind, value):
+        if not _matches(kind, value):
             raise IdentityMessageError(f"identity message Handoff: profile field {name} has the wrong type")
     return (body[0], names, tuple(values))
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_id_pair(p: Any) -> bool:
+    """[id, time] with an id and a time that fit the packed dedup fields (64 bits, unsigned and signed)."""
+    return (isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_int(p[1])
+            and 0 <= p[0] < 1 << 64 and -(1 << 63) <= p[1] < 1 << 63)
 
 
 def _matches(kind: str, value: Any) -> bool:
@@ -203,6 +220,8 @@ def _matches(kind: str, value: Any) -> bool:
         return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     if kind.startswith("list[str"):
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "bytes":  # the packed dedup ids: never on the wire (see _WIRE_NAMES)
+        return False
     return True
 
 
@@ -366,7 +385,7 @@ def _second_answer(state: IdentityState, profile: Profile, handoff: Handoff, hal
     holds events nobody forwarded here. Merging it keeps them (no loss) at the price of counting the events both
     Handoffs hold twice: at-least-once, as the mode says. In exactly-once mode this cannot happen."""
     anon = profile_from_state(handoff.profile)
-    if all(k in profile.recent_event_ids for k in anon.recent_event_ids):
+    if remembered(anon).keys() <= remembered(profile).keys():
         return Outcome(note="duplicate_handoff")
     return Outcome(profile=merge_profiles(profile, anon, half_life_ms, policy), note="replayed_handoff")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 
+from udfs.dedup import packed, remembered
 from udfs.profile_state import Profile, ProfilePolicy, decayed
 
 _by_time = itemgetter(1)
@@ -45,10 +46,11 @@ def merge_profiles(user: Profile, anon: Profile, half_life_ms: float, policy: Pr
         consent_personalization=user.consent_personalization,
         consent_analytics=user.consent_analytics,
         consent_marketing=user.consent_marketing,
-        recent_event_ids=_merge_ids(user.recent_event_ids, anon.recent_event_ids, policy),
         # the visitor's arms carry over where the user has none: one person, one exposure per experiment
         experiments={**anon.experiments, **user.experiments},
     )
+    ids = _merge_ids(remembered(user), remembered(anon), policy)
+    merged.recent_id_keys, merged.recent_id_times = packed(ids.items())
     done = set(merged.steps_done)
     merged.steps_skipped = [s for s in _ordered_union(user, anon, "steps_skipped") if s not in done]
     if not personal:  # no consent: progress only (the user's own profile holds no behaviour either)

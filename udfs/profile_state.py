@@ -5,6 +5,10 @@ stream builds. The profile is stored as one bytes value per user (one state read
 the cheapest layout through PyFlink's state API); :func:`profile_to_state` / :func:`profile_from_state` are
 version-tolerant: fields added later get their defaults when an older state is read.
 
+State formats (:data:`PROFILE_FORMAT`): 1 kept the dedup ids as ``recent_event_ids``, a dict ``id_key ->
+event_time``; 2 keeps them packed in two ``bytes`` fields (:mod:`udfs.dedup` says why). A format-1 state (a
+savepoint of the previous version) is converted when read, its ids intact.
+
 Interest scores (per topic) are recency-weighted frequencies:
 
     score(t) = sum over interactions i of  w(type_i) * 2 ** (-(t - t_i) / half_life)
@@ -20,8 +24,9 @@ The profile holds two kinds of data, with different legal bases:
 
 * **Onboarding progress** (basis: service delivery, kept for every user): ``first_seen_ms``, ``signup_ms``,
   ``last_event_ms``, ``steps_done``, ``steps_skipped``, ``completed_ms``, the consent flags
-  (``consent_personalization``, ``consent_analytics``, ``consent_marketing``), ``recent_event_ids``
-  (deduplication, :mod:`udfs.dedup`) and ``experiments`` (the user's sticky experiment arms). The default flow, deduplication and the consent record need no more.
+  (``consent_personalization``, ``consent_analytics``, ``consent_marketing``), ``recent_id_keys`` and
+  ``recent_id_times`` (deduplication, :mod:`udfs.dedup`) and ``experiments`` (the user's sticky experiment
+  arms). The default flow, deduplication and the consent record need no more.
 * **Behavioural data** (basis: consent to personalization): ``counts``, ``sessions``, ``interest``, the timings
   ``prev_gap_ms``, ``last_step_ms``, ``step_gap_sum_ms``, ``step_gaps``, and ``demographic`` and ``context``.
   It is kept only while ``consent_personalization is True``: without that consent (never stated counts as no)
@@ -39,12 +44,13 @@ only catalog steps; every other event field (ids, free-text properties) is dropp
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from operator import itemgetter
 from typing import Any
 
-from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, id_key, is_duplicate, remember
+from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, is_duplicate, packed, packed_id, remember
 from udfs.onboarding_catalog import INTEREST_WEIGHTS, ONBOARDING_STEPS, TOPICS
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # 2: dedup ids packed (recent_id_keys, recent_id_times) instead of format 1's recent_event_ids dict
 _STEP_SET = frozenset(ONBOARDING_STEPS)
 _TOPIC_SET = frozenset(TOPICS)
 
@@ -87,11 +93,15 @@ class Profile:
     consent_personalization: bool | None = None  # None: never stated
     consent_analytics: bool | None = None
     consent_marketing: bool | None = None
-    recent_event_ids: dict[int, int] = field(default_factory=dict)  # dedup.id_key(event_id) -> event_time, oldest first
+    # the dedup ids, packed (udfs/dedup.py): 8-byte dedup.id_key(event_id) and event_time per id, oldest first
+    recent_id_keys: bytes = b""
+    recent_id_times: bytes = b""
     experiments: dict[str, str] = field(default_factory=dict)  # experiment id -> arm, sticky (udfs/experiment_arms)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Profile))
+_KNOWN_NAMES = frozenset(_FIELD_NAMES)
+_by_time = itemgetter(1)
 
 
 ProfileState = tuple  # (format, field names, field values): plain builtins, pickles small and fast
@@ -103,14 +113,25 @@ def profile_to_state(profile: Profile) -> ProfileState:
 
 
 def profile_from_state(state: ProfileState | None) -> Profile:
-    """Inverse of :func:`profile_to_state`; fields unknown to this version are dropped, new ones defaulted."""
+    """Inverse of :func:`profile_to_state`; fields unknown to this version are dropped, new ones defaulted, and a
+    format-1 state's dedup ids packed."""
     if not state:
         return Profile()
     _fmt, names, values = state
     if names == _FIELD_NAMES:
         return Profile(*values)
-    known = set(_FIELD_NAMES)
-    return Profile(**{n: v for n, v in zip(names, values) if n in known})
+    return _profile_from_other_version(names, values)
+
+
+def _profile_from_other_version(names: tuple[str, ...], values: tuple) -> Profile:
+    """A state written by another version: known fields by name, the rest defaulted, and format 1's
+    ``recent_event_ids`` dict packed (sorted by time as it was kept; stable, so ties keep their order)."""
+    by_name = dict(zip(names, values))
+    profile = Profile(**{n: v for n, v in by_name.items() if n in _KNOWN_NAMES})
+    ids = by_name.get("recent_event_ids")
+    if ids:
+        profile.recent_id_keys, profile.recent_id_times = packed(sorted(ids.items(), key=_by_time))
+    return profile
 
 
 def decayed(score: float, at_ms: int, now_ms: int, half_life_ms: float) -> float:
@@ -162,14 +183,14 @@ def fold_event(profile: Profile, event: dict[str, Any], half_life_ms: float, pol
     The one entry point of the stream (:class:`udfs.flink_functions.Personalize`) and of training
     (:func:`models.training.replay_user`): deduplication (:mod:`udfs.dedup`), erasure (the profile is reset, as
     the job clears its state), then :func:`apply_event` (consent gating and minimization)."""
-    key = id_key(event["event_id"])  # hashed once for both the check and the record
+    key = packed_id(event["event_id"])  # hashed once for both the check and the record
     if is_duplicate(profile, event, key):
         return False
     if event["event_type"] == "erasure_requested":
         reset(profile)
         return True
     apply_event(profile, event, half_life_ms, policy)
-    remember(profile, event, policy.dedup_window_ms, policy.dedup_max_ids, key)
+    remember(profile, event, policy.dedup_window_ms, policy.dedup_max_ids, key, known_new=True)
     return True
 
 
