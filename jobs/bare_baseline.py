@@ -20,7 +20,7 @@ from pyflink.datastream.state import ValueStateDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.config import load_config  # noqa: E402
-from jobs.personalize import config_from_json, create_env, kafka_records, kafka_sink, key_by_routing_key  # noqa: E402
+from jobs.personalize import config_from_json, create_env, kafka_records, kafka_sink, key_by_routing_key, sink_thread  # noqa: E402
 from udfs.wire_peek import read_ids  # noqa: E402
 
 JOB_NAME = "onramp-bare-baseline"
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
     env = create_env(cfg, [Path(j) for j in args.jar])
     records = kafka_records(env, cfg, bounded=args.bounded)
-    out = key_by_routing_key(records).process(CountPerUser(), output_type=BYTES).name("count")
+    out = sink_thread(key_by_routing_key(records).process(CountPerUser(), output_type=BYTES).name("count"), cfg)
     out.sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink")
     env.execute(JOB_NAME)
 

@@ -288,6 +288,7 @@ def machine_facts(cfg: OnrampConfig) -> dict[str, Any]:
         "bundle_time_ms": cfg.bundle_time_ms,
         "buffer_timeout_ms": cfg.buffer_timeout_ms,
         "sink_linger_ms": cfg.sink_linger_ms,
+        "sink_own_thread": cfg.sink_own_thread,
         "checkpoint_interval_ms": cfg.checkpoint_interval_ms,
         "broker_and_cluster": "local, same machine",
     }

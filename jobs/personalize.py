@@ -397,10 +397,17 @@ def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: Dat
     statements.attach_as_datastream()
 
 
+def sink_thread(operator: DataStream, cfg: OnrampConfig) -> DataStream:
+    """``operator`` (the one feeding the sink) unchained when ``cfg.sink_own_thread``: Flink then runs the sink in
+    its own task thread, so the producer's work overlaps the Python operator's instead of adding to its thread
+    (its input is a keyed shuffle, never chained anyway). State maps by operator uid, so savepoints do not care."""
+    return operator.disable_chaining() if cfg.sink_own_thread else operator
+
+
 def build_kafka_job(cfg: OnrampConfig, jars: list[Path] | None = None, *, bounded: bool = False) -> StreamExecutionEnvironment:
     env = create_env(cfg, jars)
     t_env = StreamTableEnvironment.create(env)
-    outputs = build_pipeline(kafka_records(env, cfg, bounded=bounded, t_env=t_env), cfg)
+    outputs = sink_thread(build_pipeline(kafka_records(env, cfg, bounded=bounded, t_env=t_env), cfg), cfg)
     # One sink, one producer (one transaction per checkpoint) for decisions, dead letters, audit records and the
     # identity messages that go back through the control topic to the key they name.
     keyed_kafka_sink(t_env, cfg, outputs, table="onramp_out", topic=output_topics(cfg).names(),

@@ -138,3 +138,21 @@ def test_java_routing_key_agrees_with_the_python_one(tmp_path):
         java = {row[0]: row[1] for row in rows}
     assert java == {i: routing_key(p, key) for i, p in enumerate(payloads)}
     assert java[1] == key.user("u-1") and java[3] == key.anon("device-ü-1") and java[4] == key.user("u-2")
+
+
+@pytest.mark.parametrize("own_thread", [True, False])
+def test_kafka_sink_runs_in_its_own_task_by_default(trained_model_dir, tmp_path, own_thread):
+    """``sink_own_thread`` (default on): the Kafka sink is a task of its own, not chained behind the Python
+    operator, so its work runs on another thread; off, it is chained as before. Read from the job graph Flink
+    would run (building it connects to nothing)."""
+    from jobs.personalize import build_kafka_job
+    from jobs.provision import flink_job_jars
+
+    cfg = load_config({"model_dir": str(trained_model_dir), "state_dir": str(tmp_path),
+                       "sink_own_thread": own_thread}, environ={})
+    env = build_kafka_job(cfg, flink_job_jars(cfg), bounded=True)
+    job_graph = env._j_stream_execution_environment.getStreamGraph(False).getJobGraph()
+    names = [vertex.getName() for vertex in job_graph.getVerticesAsArray()]
+    personalize = next(n for n in names if "personalize" in n)
+    sink = next(n for n in names if "onramp_out" in n and "Writer" in n)  # the Kafka table sink's writer
+    assert (sink == personalize) is not own_thread, names
