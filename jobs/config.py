@@ -141,6 +141,9 @@ class OnrampConfig:
     allowed_context_fields: tuple[str, ...] = DEFAULT_CONTEXT_FIELDS
     # Training labels: a user churned if no onboarding_completed came within this long after signup
     churn_horizon_hours: float = 96.0
+    # Training: holdout AUC the costlier churn model (boosted trees) must gain over the logistic regression to be
+    # published; every event pays for the model it runs (models/training.py _choose_churn). -1 always takes trees.
+    churn_auc_margin: float = 0.005
     # Files
     state_dir: Path = REPO_ROOT / ".onramp"
     jars_dir: Path = REPO_ROOT / ".cache" / "jars"
@@ -212,6 +215,8 @@ class OnrampConfig:
             problems.append("interest_half_life_hours must be > 0")
         if self.churn_horizon_hours <= 0:
             problems.append("churn_horizon_hours must be > 0")
+        if not -1.0 <= self.churn_auc_margin <= 1.0:
+            problems.append(f"churn_auc_margin must be between -1 and 1 (an AUC difference), got {self.churn_auc_margin}")
         if self.rules_file != BUILTIN_RULES and not Path(self.rules_file).is_file():
             problems.append(f"rules_file {self.rules_file!r} does not exist (a YAML rule set, or {BUILTIN_RULES!r})")
         if not self.control_topic.strip():

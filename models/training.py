@@ -633,6 +633,7 @@ def train_and_publish(cfg: Any, *, n_users: int = 2000, seed: int = 7, events: S
         source = {"kind": "events", "events": len(events), **(source or {})}
     params = TrainingParams(half_life_hours=float(cfg.interest_half_life_hours),
                             churn_horizon_hours=float(cfg.churn_horizon_hours), seed=seed,
+                            churn_auc_margin=float(cfg.churn_auc_margin),
                             allowed_demographic_fields=tuple(cfg.allowed_demographic_fields),
                             allowed_context_fields=tuple(cfg.allowed_context_fields),
                             dedup_window_ms=int(cfg.dedup_window_ms), dedup_max_ids=int(cfg.dedup_max_ids))

@@ -30,6 +30,7 @@ def test_env_then_overrides():
         ({"kafka_port": "70000"}, "kafka_port must be a TCP port"),
         ({"parallelism": "many"}, "cannot read 'many'"),
         ({"no_such_setting": "1"}, "unknown setting"),
+        ({"churn_auc_margin": "5"}, "churn_auc_margin must be between -1 and 1"),
     ],
 )
 def test_bad_values_fail_clearly(overrides, fragment):

@@ -112,6 +112,16 @@ def test_churn_choice_prefers_the_cheaper_model_unless_clearly_better():
         == "hist_gradient_boosting"
 
 
+def test_training_takes_the_churn_margin_from_the_config(tmp_path):
+    """``churn_auc_margin`` (config, env ONRAMP_CHURN_AUC_MARGIN) reaches the selection: 1.0 publishes the
+    logistic regression whatever boosting scores."""
+    cfg = load_config({"model_dir": str(tmp_path / "models"), "state_dir": str(tmp_path), "churn_auc_margin": "1.0"},
+                      environ={})
+    manifest = train_and_publish(cfg, n_users=300, seed=3)
+    assert manifest["metrics"]["churn"]["model"] == "logistic_regression"
+    assert manifest["training"]["params"]["churn_auc_margin"] == 1.0
+
+
 def test_logistic_churn_folds_into_three_nodes(data):
     """A calibrated logistic regression (forced here by a margin no tree model can clear) is exported as one
     MatMul + Add + Sigmoid, next to the 6-node segment branch, and reproduces scikit-learn."""
