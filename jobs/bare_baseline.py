@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
     env = create_env(cfg, [Path(j) for j in args.jar])
     records = kafka_records(env, cfg, bounded=args.bounded)
-    out = sink_thread(key_by_routing_key(records).process(CountPerUser(), output_type=BYTES).name("count"), cfg)
-    out.sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink")
+    # Fixed uids: generated ones hash the chaining, so sink_own_thread would otherwise orphan a savepoint's state
+    counted = key_by_routing_key(records).process(CountPerUser(), output_type=BYTES).name("count").uid("count")
+    sink_thread(counted, cfg).sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink").uid("bare-sink")
     env.execute(JOB_NAME)
 
 

@@ -400,7 +400,9 @@ def keyed_kafka_sink(t_env: StreamTableEnvironment, cfg: OnrampConfig, rows: Dat
 def sink_thread(operator: DataStream, cfg: OnrampConfig) -> DataStream:
     """``operator`` (the one feeding the sink) unchained when ``cfg.sink_own_thread``: Flink then runs the sink in
     its own task thread, so the producer's work overlaps the Python operator's instead of adding to its thread
-    (its input is a keyed shuffle, never chained anyway). State maps by operator uid, so savepoints do not care."""
+    (its input is a keyed shuffle, never chained anyway). Savepoints map state per operator id whatever the
+    chaining, but a *generated* id hashes the chaining: the operators around this one need fixed uids (the
+    personalize operator has one, the table source and sink get theirs from ``table.exec.uid.generation``)."""
     return operator.disable_chaining() if cfg.sink_own_thread else operator
 
 

@@ -235,6 +235,25 @@ def test_a_format_1_state_with_ids_loads_them_and_dedups():
     assert fmt == PROFILE_FORMAT == 2 and len(remembered(profile_from_state(profile_to_state(profile)))) == 4
 
 
+def test_a_format_1_state_with_raw_event_ids_hashes_them():
+    """Format 1 kept the event ids themselves before they were hashed (same format number): still duplicates."""
+    events = [_consenting(t=NOW_MS + i) for i in range(3)]
+    raw = {e["event_id"]: e["event_time"] for e in events}
+    profile = profile_from_state(_format_1_state(Profile(consent_personalization=True), raw))
+    assert remembered(profile) == {id_key(k): t for k, t in raw.items()}
+    assert all(fold_event(profile, e, HALF_LIFE) is False for e in events)
+
+
+def test_a_state_with_both_forms_keeps_every_id():
+    """Old dict beside packed ids (no writer makes one today): the union, in time order, not one of the two."""
+    profile = Profile(consent_personalization=True)
+    profile.recent_id_keys, profile.recent_id_times = packed([(11, NOW_MS + 10), (12, NOW_MS + 12)])
+    fmt, names, values = profile_to_state(profile)
+    state = (1, names + ("recent_event_ids",), values + ({13: NOW_MS + 11},))
+    assert list(remembered(profile_from_state(state)).items()) == [(11, NOW_MS + 10), (13, NOW_MS + 11),
+                                                                   (12, NOW_MS + 12)]
+
+
 def test_a_profile_without_ids_reports_no_id_fields_in_a_state_check():
     profile = Profile()
     fold_event(profile, _consenting(), HALF_LIFE, ProfilePolicy(dedup_window_ms=0))

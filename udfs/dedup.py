@@ -13,8 +13,9 @@ Packed, not a dict: the profile is unpickled and pickled again on every event (P
 ``PICKLED_BYTE_ARRAY``), and a ``dict[int, int]`` makes pickle build and walk two int objects per id each way,
 about 0.2 µs per id and round trip: most of the state's cost for a user with a day of ids (the round trip of a
 profile was 12.5 µs with 25 ids, 50 µs with 200, 7 µs without ids; packed, 7.5 µs with either). The ids are
-kept instead as two ``bytes`` values, ``recent_id_keys`` (8 bytes little-endian unsigned per id: the BLAKE2b
-digest itself) and ``recent_id_times`` (8 bytes little-endian signed, the event time), entry *i* of one
+kept instead as two ``bytes`` values, ``recent_id_keys`` (the 8-byte BLAKE2b digest of each id, as is;
+:func:`id_key` reads it as a little-endian int) and ``recent_id_times`` (8 bytes little-endian signed, the
+event time), entry *i* of one
 belonging to entry *i* of the other; pickle copies each as one buffer, whatever the number of ids.
 
 Nor are they unpacked per event, which would give the saving back: membership is a ``bytes.find`` of the 8-byte

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field, fields
 from operator import itemgetter
 from typing import Any
 
-from udfs.dedup import DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, is_duplicate, packed, packed_id, remember
+from udfs.dedup import (DEFAULT_MAX_IDS, DEFAULT_WINDOW_MS, id_key, is_duplicate, packed, packed_id, remember,
+                         remembered)
 from udfs.onboarding_catalog import INTEREST_WEIGHTS, ONBOARDING_STEPS, TOPICS
 
 PROFILE_FORMAT = 2  # 2: dedup ids packed (recent_id_keys, recent_id_times) instead of format 1's recent_event_ids dict
@@ -125,12 +126,17 @@ def profile_from_state(state: ProfileState | None) -> Profile:
 
 def _profile_from_other_version(names: tuple[str, ...], values: tuple) -> Profile:
     """A state written by another version: known fields by name, the rest defaulted, and format 1's
-    ``recent_event_ids`` dict packed (sorted by time as it was kept; stable, so ties keep their order)."""
+    ``recent_event_ids`` dict packed (sorted by time as it was kept; stable, so ties keep their order). Ids kept
+    as the event id itself (format 1 before the ids were hashed) are hashed; ids already packed beside them are
+    kept too, so no remembered id is lost whichever mix a state holds."""
     by_name = dict(zip(names, values))
     profile = Profile(**{n: v for n, v in by_name.items() if n in _KNOWN_NAMES})
     ids = by_name.get("recent_event_ids")
     if ids:
-        profile.recent_id_keys, profile.recent_id_times = packed(sorted(ids.items(), key=_by_time))
+        pairs = [(id_key(k) if isinstance(k, str) else k, t) for k, t in ids.items()]
+        if profile.recent_id_keys:
+            pairs = list(remembered(profile).items()) + pairs
+        profile.recent_id_keys, profile.recent_id_times = packed(sorted(dict(pairs).items(), key=_by_time))
     return profile
 
 
