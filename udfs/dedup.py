@@ -15,8 +15,8 @@ about 0.2 µs per id and round trip: most of the state's cost for a user with a 
 profile was 12.5 µs with 25 ids, 50 µs with 200, 7 µs without ids; packed, 7.5 µs with either). The ids are
 kept instead as two ``bytes`` values, ``recent_id_keys`` (the 8-byte BLAKE2b digest of each id, as is;
 :func:`id_key` reads it as a little-endian int) and ``recent_id_times`` (8 bytes little-endian signed, the
-event time), entry *i* of one
-belonging to entry *i* of the other; pickle copies each as one buffer, whatever the number of ids.
+event time), entry *i* of one belonging to entry *i* of the other; pickle copies each as one buffer, whatever
+the number of ids.
 
 Nor are they unpacked per event, which would give the saving back: membership is a ``bytes.find`` of the 8-byte
 key (C speed, ~0.25 µs for 25 ids, ~1.5 µs for 500; a match counts only 8-byte aligned), a new id is appended by
