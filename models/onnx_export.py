@@ -64,6 +64,15 @@ class _ChurnBranch(NamedTuple):
     ir_version: int | None
 
 
+def _scaler_mean_scale(scaler: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted StandardScaler as ``(mean, scale)`` with ``(x - mean) / scale`` its transform (float64), whether
+    or not it centres and scales."""
+    n = scaler.n_features_in_
+    mean = scaler.mean_ if scaler.with_mean else np.zeros(n)
+    scale = scaler.scale_ if scaler.with_std else np.ones(n)
+    return mean, scale
+
+
 def _single_sigmoid(final: Any) -> bool:
     """A sigmoid-calibrated binary classifier with one calibrator (``CalibratedClassifierCV(ensemble=False)``)."""
     from sklearn.calibration import CalibratedClassifierCV
@@ -93,9 +102,7 @@ def linear_churn(model: Any) -> tuple[np.ndarray, float] | None:
         return None
     v, i = base.coef_[0].astype(np.float64), float(base.intercept_[0])
     if pre:
-        scaler = pre[0]
-        mean = scaler.mean_ if scaler.with_mean else np.zeros_like(v)
-        scale = scaler.scale_ if scaler.with_std else np.ones_like(v)
+        mean, scale = _scaler_mean_scale(pre[0])
         v, i = v / scale, i - float(np.dot(mean / scale, v))
     a, b = float(calibrator.a_), float(calibrator.b_)
     return -a * v, -a * i - b
@@ -139,10 +146,10 @@ def _churn_branch(model: Any, n_features: int) -> _ChurnBranch:
     scores = next(o.name for o in churn.graph.output if "prob" in o.name)  # [N, 2]; column 1: positive class
     init = [numpy_helper.from_array(np.asarray(1, dtype=np.int64), "glue_positive_class")]
     opsets = {imp.domain: int(imp.version) for imp in churn.opset_import}
-    converted = list(churn.graph.node), list(churn.graph.initializer)
+    converted_nodes, converted_init = list(churn.graph.node), list(churn.graph.initializer)
     if not single_sigmoid:
         nodes = [helper.make_node("Gather", [scores, "glue_positive_class"], ["churn"], axis=1, name="glue_churn")]
-        return _ChurnBranch(converted[0] + nodes, converted[1] + init, opsets, churn.ir_version)
+        return _ChurnBranch(converted_nodes + nodes, converted_init + init, opsets, churn.ir_version)
     init += [
         numpy_helper.from_array(np.asarray(-calibrator.a_, dtype=np.float32), "glue_platt_neg_a"),
         numpy_helper.from_array(np.asarray(-calibrator.b_, dtype=np.float32), "glue_platt_neg_b"),
@@ -153,7 +160,7 @@ def _churn_branch(model: Any, n_features: int) -> _ChurnBranch:
         helper.make_node("Add", ["glue_platt_scaled", "glue_platt_neg_b"], ["glue_platt_logit"], name="glue_platt_add"),
         helper.make_node("Sigmoid", ["glue_platt_logit"], ["churn"], name="glue_churn"),
     ]
-    return _ChurnBranch(converted[0] + nodes, converted[1] + init, opsets, churn.ir_version)
+    return _ChurnBranch(converted_nodes + nodes, converted_init + init, opsets, churn.ir_version)
 
 
 def _checked_segment_ids(segment_ids: Sequence[int] | None, k: int) -> list[int] | None:
@@ -196,8 +203,7 @@ def _segment_branch(
         raise TypeError(f"expected Pipeline(StandardScaler, KMeans), got {pipeline!r}")
     scaler, kmeans = steps
     ids = _checked_segment_ids(segment_ids, kmeans.n_clusters)
-    mean = scaler.mean_ if scaler.with_mean else np.zeros(scaler.n_features_in_)
-    scale = scaler.scale_ if scaler.with_std else np.ones(scaler.n_features_in_)
+    mean, scale = _scaler_mean_scale(scaler)
     raw_centers = mean[None, :] + scale[None, :] * kmeans.cluster_centers_  # float64, cast once below
     init = [
         numpy_helper.from_array(np.asarray([segment_index], dtype=np.int64), "seg_columns"),  # [1, Fs]
