@@ -31,17 +31,18 @@ class Scorer(Protocol):
 
 
 _NAMESPACE_BYTES = DECISION_NAMESPACE.bytes
+_sha1 = hashlib.sha1
+# the RFC 4122 variant bits (10xx) over the digest's hex digit 16: 8, 9, a or b
+_VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 def decision_id_for(event_id: str) -> str:
     """``str(uuid.uuid5(DECISION_NAMESPACE, event_id))``, deterministic: a replayed event gets the same decision
-    id, so consumers can drop repeats. Computed straight from the SHA-1 digest (RFC 4122 section 4.3) because
-    ``uuid.uuid5`` builds a UUID object first: 1.2 µs against 4 µs per event."""
-    h = bytearray(hashlib.sha1(_NAMESPACE_BYTES + event_id.encode()).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50  # version 5
-    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    id, so consumers can drop repeats. Computed straight from the SHA-1 hex digest (RFC 4122 section 4.3:
+    version nibble 5 at digit 12, variant bits at digit 16) because ``uuid.uuid5`` builds a UUID object first:
+    0.85 µs against 4 µs per event."""
+    x = _sha1(_NAMESPACE_BYTES + event_id.encode()).hexdigest()
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 class RuleSet(Protocol):
