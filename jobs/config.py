@@ -91,6 +91,9 @@ class OnrampConfig:
     state_backend: str = "hashmap"
     # A user's profile expires this long after its last update (processing time); 0 keeps profiles forever.
     state_ttl_hours: float = 30 * 24.0
+    # Profiles the personalize operator keeps deserialized after writing them (write-through; udfs/profile_cache.py),
+    # so the next event of a recently active user reads no state; 0: every event reads Flink's state.
+    profile_cache_size: int = 10_000
     # After a failure (a TaskManager lost, the broker gone) the job restarts from its last checkpoint:
     # exponential-delay waits restart_delay_ms, growing to restart_max_delay_ms, without limit; fixed-delay waits
     # restart_delay_ms up to restart_attempts times, then the job fails; none fails at once.
@@ -196,6 +199,7 @@ class OnrampConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("bundle_time_ms", "buffer_timeout_ms", "sink_linger_ms", "max_future_skew_ms", "max_event_age_ms",
+                     "profile_cache_size",
                      "model_reload_interval_ms", "rules_reload_interval_ms", "experiments_reload_interval_ms",
                      "dedup_window_ms", "alias_window_ms"):
             if getattr(self, name) < 0:

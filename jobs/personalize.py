@@ -261,7 +261,8 @@ def build_pipeline(records: DataStream, cfg: OnrampConfig, bundle_path: Path | N
                         experiments_text=experiments_text, experiments_path=experiments_path,
                         experiments_reload_interval_ms=cfg.experiments_reload_interval_ms,
                         state_ttl_ms=cfg.state_ttl_ms, arm_rules=arm_assets.rules,
-                        arm_bundles=arm_assets.bundles, topics=output_topics(cfg)),
+                        arm_bundles=arm_assets.bundles, topics=output_topics(cfg),
+                        profile_cache_size=cfg.profile_cache_size),
             output_type=OUTPUT_RECORD,
         )
         .uid("personalize")

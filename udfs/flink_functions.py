@@ -26,6 +26,7 @@ from udfs.avro_codec import audit_codec, dead_letter_codec, decision_codec, even
 from udfs.model_watch import BundleWatcher
 from udfs.rules.compiler import compile_rules_text
 from udfs.rules_watch import RulesWatcher, content_sha
+from udfs.profile_cache import ProfileCache
 from udfs.pseudonym import PseudonymKey, load_key
 from udfs.profile_state import ProfilePolicy, profile_from_state, profile_to_state
 from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
@@ -155,7 +156,8 @@ class Personalize(KeyedProcessFunction):
                  alias_window_ms: int = 24 * 3_600_000, experiments_text: str | None = None,
                  experiments_path: str | None = None, experiments_reload_interval_ms: int = 0,
                  state_ttl_ms: int = 0, arm_rules: dict[str, str] | None = None,
-                 arm_bundles: dict[str, dict[str, bytes]] | None = None, topics: OutputTopics | None = None):
+                 arm_bundles: dict[str, dict[str, bytes]] | None = None, topics: OutputTopics | None = None,
+                 profile_cache_size: int = 0):
         self.bundle_files = bundle_files
         self.topics = topics
         self.gc_freeze = gc_freeze
@@ -166,6 +168,10 @@ class Personalize(KeyedProcessFunction):
         self.key_id = ""
         self.alias_window_ms = alias_window_ms
         self.state_ttl_ms = state_ttl_ms
+        self.profile_cache_size = profile_cache_size
+        # recently written profiles, deserialized (udfs/profile_cache.py); made anew in open(): a restarted or
+        # rescaled instance starts empty and reads the restored state
+        self.profiles = ProfileCache(profile_cache_size, state_ttl_ms)
         self.arm_rules = arm_rules or {}  # rule set texts that experiment arms pin, by version
         self.arm_bundles = arm_bundles or {}  # model bundle files that experiment arms pin, by version
         self.experiments_text = experiments_text
@@ -215,6 +221,7 @@ class Personalize(KeyedProcessFunction):
         # TTL (config state_ttl_hours): a profile not written for that long (processing time) is gone, so inactive
         # users cost nothing; identity state lives at least two alias windows (udfs/identity.py needs them)
         self.profile_state = runtime_context.get_state(_descriptor("profile", self.state_ttl_ms))
+        self.profiles = ProfileCache(self.profile_cache_size, self.state_ttl_ms)
         # aliases (udfs/identity.py); read only for events that name an anonymous id and for identity messages
         identity_ttl = max(self.state_ttl_ms, 2 * self.alias_window_ms + 3_600_000) if self.state_ttl_ms else 0
         self.identity_state = runtime_context.get_state(_descriptor("identity", identity_ttl))
@@ -312,7 +319,7 @@ class Personalize(KeyedProcessFunction):
             stored = self.identity_state.value()
             identity = identity_from_state(stored) if stored else None
             outcome = on_anon_event(identity, subject, event, now_ms, self.alias_window_ms)
-            out = self._apply_identity(identity, outcome)
+            out = self._apply_identity(identity, outcome, subject)
             if not outcome.fold_locally:
                 return out  # forwarded to the user it merged into, who decides it
             return out + self._decide(event, subject, now_ms)
@@ -320,19 +327,26 @@ class Personalize(KeyedProcessFunction):
         if anonymous_id and out:  # an alias link (and not a duplicate): claim the anonymous profile
             identity = identity_from_state(self.identity_state.value())
             out += self._apply_identity(identity, on_link(identity, subject, self.key.anon(anonymous_id),
-                                                          event["event_id"], now_ms, self.alias_window_ms))
+                                                          event["event_id"], now_ms, self.alias_window_ms), subject)
         return out
 
     def _decide(self, event: dict[str, Any], subject: str, now_ms: int) -> list[Any]:
         """Fold ``event`` into the key's profile and decide: [decision, (AUDIT, record)], or [] for a duplicate."""
         personalizer = self.personalizer
-        profile = profile_from_state(self.profile_state.value())
-        if not personalizer.fold(profile, event):
-            self.duplicates.inc()
-            log.debug("duplicate event %s: no decision", event["event_id"])
-            return []
-        decision = personalizer.decide(profile, event, subject=subject)
-        self.profile_state.update(profile_to_state(profile))
+        profile = self.profiles.get(subject, now_ms)
+        if profile is None:
+            profile = profile_from_state(self.profile_state.value())
+        try:
+            if not personalizer.fold(profile, event):  # a duplicate leaves the profile as it was
+                self.duplicates.inc()
+                log.debug("duplicate event %s: no decision", event["event_id"])
+                return []
+            decision = personalizer.decide(profile, event, subject=subject)
+            self.profile_state.update(profile_to_state(profile))
+        except BaseException:
+            self.profiles.drop(subject)  # the cached profile may be half folded: read the state next time
+            raise
+        self.profiles.put(subject, profile, now_ms)
         out = [self.encode(decision)]
         if self.audit:
             out.append((AUDIT, self.audit_encode(decision_audit(decision, event["event_type"], profile, subject,
@@ -347,8 +361,9 @@ class Personalize(KeyedProcessFunction):
         identity = identity_from_state(self.identity_state.value())
         anonymous_id = event.get("anonymous_id")
         anon_key = self.key.anon(anonymous_id) if event["user_id"] and anonymous_id else None
-        out = self._apply_identity(identity, on_erasure(identity, subject, now_ms, anon_key))
+        out = self._apply_identity(identity, on_erasure(identity, subject, now_ms, anon_key), subject)
         self.profile_state.clear()
+        self.profiles.drop(subject)
         decision = self.personalizer.erased(event)
         out.insert(0, self.encode(decision))
         if self.audit:
@@ -356,8 +371,11 @@ class Personalize(KeyedProcessFunction):
         self.decisions.inc()
         return out
 
-    def _apply_identity(self, identity: Any, outcome: Outcome) -> list[Any]:
-        """Carry out an identity transition's outcome (udfs/identity.py): state writes here, messages returned."""
+    def _apply_identity(self, identity: Any, outcome: Outcome, subject: str) -> list[Any]:
+        """Carry out an identity transition's outcome (udfs/identity.py) at key ``subject``: state writes here,
+        messages returned."""
+        if outcome.clear_profile or outcome.profile is not None:
+            self.profiles.drop(subject)  # written below, not through the cache
         if outcome.changed and identity is not None:
             value = identity_to_state(identity)
             if value is None:
@@ -383,19 +401,19 @@ class Personalize(KeyedProcessFunction):
         window = self.alias_window_ms
         if isinstance(message, Claim):
             profile = profile_from_state(self.profile_state.value())
-            return self._apply_identity(identity, on_claim(identity, profile, message, now_ms, window))
+            return self._apply_identity(identity, on_claim(identity, profile, message, now_ms, window), subject)
         if isinstance(message, Handoff):
             profile = profile_from_state(self.profile_state.value())
             return self._apply_identity(identity, on_handoff(identity, profile, message, now_ms, window,
-                                                             self.half_life_ms, self.profile_policy))
+                                                             self.half_life_ms, self.profile_policy), subject)
         if isinstance(message, Reject):
-            return self._apply_identity(identity, on_reject(identity, message, now_ms, window))
+            return self._apply_identity(identity, on_reject(identity, message, now_ms, window), subject)
         if isinstance(message, Erase):
-            return self._apply_identity(identity, on_erase(identity, message, now_ms, window))
+            return self._apply_identity(identity, on_erase(identity, message, now_ms, window), subject)
         if isinstance(message, Forward):
             profile = profile_from_state(self.profile_state.value())
             outcome = on_forward(identity, profile, message, now_ms, window)
-            out = self._apply_identity(identity, outcome)
+            out = self._apply_identity(identity, outcome, subject)
             return out + self._decide(outcome.fold, subject, now_ms) if outcome.fold is not None else out
         raise IdentityMessageError(f"unhandled identity message {type(message).__name__}")
 
