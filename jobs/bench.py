@@ -289,6 +289,8 @@ def machine_facts(cfg: OnrampConfig) -> dict[str, Any]:
         "buffer_timeout_ms": cfg.buffer_timeout_ms,
         "sink_linger_ms": cfg.sink_linger_ms,
         "sink_own_thread": cfg.sink_own_thread,
+        "profile_cache_size": cfg.profile_cache_size,
+        "state_backend": cfg.state_backend,
         "checkpoint_interval_ms": cfg.checkpoint_interval_ms,
         "broker_and_cluster": "local, same machine",
     }

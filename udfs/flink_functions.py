@@ -257,6 +257,12 @@ class Personalize(KeyedProcessFunction):
         self.gc_collections_counter = metrics.counter("gc_full_collections")
         self.gc_pause_counter = metrics.counter("gc_full_pause_ms")
 
+    def close(self) -> None:
+        profiles = self.profiles
+        if profiles.hits or profiles.misses:
+            log.info("personalize: profile cache (%d profiles) answered %d of %d reads", profiles.max_entries,
+                     profiles.hits, profiles.hits + profiles.misses)
+
     def process_element(self, record: Any, ctx: KeyedProcessFunction.Context) -> Iterable[Any]:
         """The outputs for one record: tagged (decision bytes, ``(AUDIT | DEAD_LETTERS | IDENTITY, record)``) as
         :meth:`outputs` makes them, or, given ``topics``, each as an :data:`OUTPUT_RECORD` row for the one sink.
