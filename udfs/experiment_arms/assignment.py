@@ -98,9 +98,7 @@ def changes_for(experiments: ExperimentSet, assignments: Mapping[str, str], now_
     """
     if not assignments:
         return NO_CHANGES
-    control = False
-    rules_version = model_version = content_variant = None
-    found = False
+    found: list[ArmChanges] = []
     defined = experiments.experiments
     for exp_id, arm_id in assignments.items():
         exp = defined.get(exp_id)
@@ -109,15 +107,15 @@ def changes_for(experiments: ExperimentSet, assignments: Mapping[str, str], now_
         arm = exp.arm(arm_id)
         if arm is None or arm.changes is NO_CHANGES or arm.changes.is_empty():
             continue
-        found = True
-        c = arm.changes
-        control = control or c.control
-        rules_version = rules_version or c.rules_version
-        model_version = model_version or c.model_version
-        content_variant = content_variant or c.content_variant
+        found.append(arm.changes)
     if not found:
         return NO_CHANGES
-    return ArmChanges(control, rules_version, model_version, content_variant)
+    if len(found) == 1:  # the usual case: one running arm changes something; its changes as they are
+        return found[0]
+    return ArmChanges(any(c.control for c in found),
+                      next((c.rules_version for c in found if c.rules_version), None),
+                      next((c.model_version for c in found if c.model_version), None),
+                      next((c.content_variant for c in found if c.content_variant), None))
 
 
 def measure_assign_us(experiments: ExperimentSet, n: int = 20_000) -> float:

@@ -70,7 +70,8 @@ class ArmChanges:
     content_variant: str | None = None
 
     def is_empty(self) -> bool:
-        return self == NO_CHANGES
+        """Changes nothing (read per event: attribute tests, not the dataclass ``==``)."""
+        return not (self.control or self.rules_version or self.model_version or self.content_variant)
 
 
 NO_CHANGES = ArmChanges()
@@ -104,7 +105,10 @@ class Experiment:
     thresholds: tuple[int, ...] = field(default=(), repr=False)
 
     def arm(self, arm_id: str) -> Arm | None:
-        return next((a for a in self.arms if a.id == arm_id), None)
+        for arm in self.arms:  # a handful of arms: a loop beats a dict here, and a generator (per event)
+            if arm.id == arm_id:
+                return arm
+        return None
 
     def running(self, now_ms: int) -> bool:
         """Enabled and ``start <= now < stop``: new users are assigned and the arms' changes apply."""
