@@ -89,6 +89,34 @@ def test_input_categories_name_what_a_personalized_decision_read():
     assert input_categories(profile, False) == ["onboarding_progress"]
 
 
+def test_decision_audit_is_the_common_audit_record_with_the_decision_fields():
+    """decision_audit builds its dict directly (it runs per event); it must equal the record the shared
+    constructor makes, field for field, for personalized, default-flow and no-consent decisions."""
+    from udfs.audit import DECISION, _consent, _record, decision_audit
+    from udfs.personalizer import Personalizer
+
+    personalizer = Personalizer(None, 3_600_000.0)
+    for consent in (None, {"personalization": True, "analytics": False, "marketing": True}):
+        event = make_event("signup")
+        event["consent"] = consent
+        profile = Profile()
+        personalizer.fold(profile, event)
+        profile.context = {"device": "mobile"} if consent else {}
+        decision = personalizer.decide(profile, event, subject="p-1")
+        for segment_id, personalized in ((-1, False), (3, False), (3, True)):
+            decision = {**decision, "segment_id": segment_id, "personalized": personalized}
+            expected = _record(
+                DECISION, f"{DECISION}:{decision['decision_id']}", "p-1", "key-1", decision["model_version"],
+                decision["rules_version"], decision["decided_at"], decision_id=decision["decision_id"],
+                event_type="signup", event_time=decision["event_time"],
+                input_categories=input_categories(profile, personalized or segment_id >= 0),
+                consent=_consent(profile), personalized=personalized, step_id=decision["step_id"],
+                reasons=list(decision["reasons"]))
+            audit = decision_audit(decision, "signup", profile, "p-1", "key-1")
+            assert audit == expected and list(audit) == list(expected)
+            assert audit_codec().decode(audit_codec().encode(audit)) == audit
+
+
 def test_erasure_clears_state_confirms_and_is_audited():
     fn = _function(audit=True)
     subject = KEY.user("user-1")

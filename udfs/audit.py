@@ -74,15 +74,29 @@ def _record(kind: str, audit_id: str, subject: str, key_id: str, model_version: 
 def decision_audit(decision: dict[str, Any], event_type: str, profile: Profile, subject: str,
                    key_id: str) -> dict[str, Any]:
     """The audit record of ``decision`` (the record :class:`udfs.personalizer.Personalizer` made for an event of
-    ``event_type`` on ``profile``)."""
-    return _record(
-        DECISION, f"{DECISION}:{decision['decision_id']}", subject, key_id, decision["model_version"],
-        decision["rules_version"], decision["decided_at"],
-        decision_id=decision["decision_id"], event_type=event_type, event_time=decision["event_time"],
-        input_categories=input_categories(profile, decision["personalized"] or decision["segment_id"] >= 0),
-        consent=_consent(profile),
-        personalized=decision["personalized"], step_id=decision["step_id"], reasons=list(decision["reasons"]),
-    )
+    ``event_type`` on ``profile``). One per event: built as one dict, not through :func:`_record`'s defaults
+    (1.8 -> 1.1 µs); ``tests/test_privacy.py`` checks it has exactly the fields of the others."""
+    decision_id = decision["decision_id"]
+    return {
+        "audit_id": f"{DECISION}:{decision_id}",
+        "kind": DECISION,
+        "subject": subject,
+        "pseudonym_key_id": key_id,
+        "decision_id": decision_id,
+        "event_type": event_type,
+        "event_time": decision["event_time"],
+        "input_categories": input_categories(profile, decision["personalized"] or decision["segment_id"] >= 0),
+        "consent": {"personalization": profile.consent_personalization, "analytics": profile.consent_analytics,
+                    "marketing": profile.consent_marketing},
+        "personalized": decision["personalized"],
+        "step_id": decision["step_id"],
+        "reasons": list(decision["reasons"]),
+        "model_version": decision["model_version"],
+        "rules_version": decision["rules_version"],
+        "state": None,
+        "request_id": None,
+        "recorded_at": decision["decided_at"],
+    }
 
 
 def erasure_audit(decision: dict[str, Any], subject: str, key_id: str) -> dict[str, Any]:
