@@ -138,3 +138,13 @@ def test_a_failure_halfway_through_an_event_leaves_the_next_event_reading_the_st
     assert results[0] == results[1]
     assert results[1][0] == {"signup": 1, "feature_used": 1}
 
+
+
+def test_the_operator_sizes_its_cache_from_the_config_and_expires_entries_with_the_state_ttl():
+    from udfs.flink_functions import Personalize
+    from udfs.validation import ValidationLimits
+
+    fn = Personalize(None, 3_600_000.0, "events", ValidationLimits(), state_ttl_ms=7_200_000, profile_cache_size=5)
+    assert (fn.profiles.max_entries, fn.profiles.ttl_ms) == (5, 7_200_000)
+    fn.profiles.put("k", Profile(), 0)
+    assert fn.profiles.get("k", 7_200_000 - CLOCK_MARGIN_MS) is None  # Flink would soon forget it: read the state

@@ -93,8 +93,8 @@ def changes_for(experiments: ExperimentSet, assignments: Mapping[str, str], now_
 
     ``control`` is true if any running arm is a control arm. Each other key is set by the experiments of at most
     one layer (checked when the file is loaded) and a user is in one experiment per layer, so at most one arm
-    sets it; should a user's sticky map hold two (a file that moved experiments between layers), the experiment
-    defined first in the file wins.
+    sets it; should a user's sticky map hold two (a file that moved experiments between layers), the arm first
+    in that map wins (the order the user was assigned in, which is file order for experiments assigned together).
     """
     if not assignments:
         return NO_CHANGES
