@@ -250,7 +250,6 @@ class Bench:
 
         job_id = self._submit(cfg, variant, bounded=False)
         try:
-            _gc_metrics(cfg, job_id, expected=False)  # asks the JobManager to start fetching the job's metrics
             time.sleep(1.0)  # let the Python workers settle before the clock starts
             log.info("%s latency (%s): %d events at %.0f/s (first %.0f s warm-up)", variant, delivery, n,
                      self.sizes.rate, warmup_s)
@@ -265,7 +264,7 @@ class Bench:
                 out = reader.received
             else:
                 out = self._collect(cfg, variant, n, timeout_s=60 + cfg.checkpoint_interval_ms / 1000)
-            gc_metrics = _gc_metrics(cfg, job_id, expected=variant == "full")
+            gc_metrics = _gc_metrics(cfg, job_id) if variant == "full" else {}  # the bare job reports none
         finally:
             flink_jobs.cancel(cfg, job_id)
         latencies = [ts - sent[eid] for eid, ts in out if eid in sent]
@@ -281,35 +280,34 @@ class Bench:
         }
 
 
-def _gc_metrics(cfg: OnrampConfig, job_id: str, *, expected: bool) -> dict[str, Any]:
-    """Full Python GC collections during the run and their total pause, when the job reports them (the full
-    job does, udfs/gc_pauses.py; the bare one does not): the usual suspect for the latency tail.
+def _gc_metrics(cfg: OnrampConfig, job_id: str) -> dict[str, Any]:
+    """Full Python GC collections during the run and their total pause, as the full job reports them
+    (udfs/gc_pauses.py): the usual suspect for the latency tail.
 
     The JobManager fetches metrics from the TaskManagers only when asked (at most every 10 s), in the
     background, and answers each request from what it fetched before: the first request of a job gets
-    nothing, and a request at the end of a run gets the figures of the previous fetch. So the latency run
-    asks once at the start; at the end, when the figures are ``expected``, the first request starts a fresh
-    fetch, and the figures are read after it (retried a few times should they still be missing)."""
+    nothing, and a request at the end of a run gets the figures of the previous fetch. So a first request
+    starts a fresh fetch, and the figures are read after it (retried a few times should they still be
+    missing)."""
     from jobs import flink_jobs
 
     names = ("gc_full_collections", "gc_full_pause_ms")
     found: dict[str, float] = {}
-    if expected:
-        try:
-            flink_jobs.operator_metrics(cfg, job_id, names)  # starts the fetch; answers from the previous one
-        except Exception:
-            pass  # reported by the reads below
-        time.sleep(METRICS_FETCH_WAIT_S)
-    for attempt in range(5 if expected else 1):
+    try:
+        flink_jobs.operator_metrics(cfg, job_id, names)  # starts the fetch; answers from the previous one
+    except Exception:
+        pass  # reported by the reads below
+    time.sleep(METRICS_FETCH_WAIT_S)
+    for _ in range(5):
         try:
             found = flink_jobs.operator_metrics(cfg, job_id, names)
         except Exception as exc:  # a figure we could not read must not fail the benchmark
             log.warning("could not read GC metrics: %s", exc)
             return {}
-        if found or not expected:
+        if found:
             break
         time.sleep(1.0)
-    if expected and not found:
+    if not found:
         log.warning("the job reported no GC metrics (%s)", ", ".join(names))
     return {k: int(v) for k, v in found.items()}
 
