@@ -54,13 +54,13 @@ class BenchSizes:
     exactly_once_duration_s: float = 15.0
     # At-least-once latency runs first produce at the same rate for this long, unmeasured: a freshly submitted
     # job runs its first seconds with cold Python and with the JIT compiler still busy on code this TaskManager
-    # has not run yet, which says nothing about the job in steady state (docs/performance.md).
+    # has not run yet, which says nothing about the job in steady state (docs/performance-log.md).
     warmup_s: float = 30.0
     # Before anything is measured, the full job runs over this many events, unreported but for its figures in
     # ``jit_warmup``: a fresh TaskManager runs its first jobs slower while the JIT compiles the classes every job
     # shares (the connector, the Flink runtime), which would count against the full job alone. Consecutive
     # 60,000-event runs on a fresh TaskManager, four times: 2,943-4,285, then 4,202-5,293, then 5,389-6,831
-    # events/s; the third is the steady state a long-running job sees (docs/performance.md).
+    # events/s; the third is the steady state a long-running job sees (docs/performance-log.md).
     jit_warmup_events: int = 100_000
 
 

@@ -2,7 +2,7 @@
 
 It shares two cores with the broker and the job it measures, so what it costs is taken from the job. At
 1,000 events/s kafka-python's producer took 44-69% of a core and the broker 26-70% (one request per record);
-librdkafka (confluent-kafka) took 7-9% and the broker 12-23% (docs/performance.md). The latency runs therefore
+librdkafka (confluent-kafka) took 7-9% and the broker 12-23% (docs/performance-log.md). The latency runs therefore
 send through librdkafka when the connection is plaintext; with TLS or SASL settings they keep the kafka-python
 producer, whose security options Onramp already maps (jobs/kafka_security.py).
 """
