@@ -14,6 +14,7 @@ from udfs.personalizer import Personalizer
 from udfs.profile_cache import CLOCK_MARGIN_MS, ProfileCache
 from udfs.profile_state import Profile, profile_from_state
 
+from tests.conftest import NOW_MS
 from tests.test_identity_operator import Keyed, Loop, _event
 from tests.test_personalize_function import DEAD_LETTERS, ExplodingScorer, FakeContext, _function
 
@@ -148,3 +149,39 @@ def test_the_operator_sizes_its_cache_from_the_config_and_expires_entries_with_t
     assert (fn.profiles.max_entries, fn.profiles.ttl_ms) == (5, 7_200_000)
     fn.profiles.put("k", Profile(), 0)
     assert fn.profiles.get("k", 7_200_000 - CLOCK_MARGIN_MS) is None  # Flink would soon forget it: read the state
+
+
+def test_the_operator_ages_a_cached_profile_when_it_looks_it_up_not_when_the_record_arrived(monkeypatch):
+    """A model reload or a long pause between a record's arrival and the profile lookup must not let the cache
+    serve a profile that Flink's TTL, which checks when it reads, would refuse by then."""
+    import udfs.flink_functions as flink_functions
+
+    base = NOW_MS  # the test events' clock
+    clock = {"arrival": base + 10_000, "later": base + 10_000}
+    calls = []
+
+    def fake_now() -> int:
+        calls.append(None)
+        return clock["arrival"] if len(calls) == 1 else clock["later"]
+
+    monkeypatch.setattr(flink_functions, "_now_ms", fake_now)
+    fn = _function()
+    fn.profile_state = PickledKeyed(["u"])
+    fn.profiles = ProfileCache(10, ttl_ms=60_000)
+
+    def send(kind: str, t: int) -> list:
+        calls.clear()
+        event = _event(kind, t, user="u-1", anon=None, topic="analytics")
+        return list(fn.process_element(Row(event_codec().encode(event), "events", 0, t), FakeContext()))
+
+    send("signup", 10_000)
+    assert len(fn.profiles) == 1
+    # Arrives 1.5 s before the entry would expire, then stalls 1.6 s before deciding: by then it has expired.
+    clock["arrival"], clock["later"] = base + 10_000 + 58_500, base + 10_000 + 60_100
+    hits = fn.profiles.hits
+    send("page_view", 10_000 + 58_500)
+    assert fn.profiles.hits == hits  # read from the state, as Flink (with its TTL) decides
+    # Without the stall the same arrival is served from the cache.
+    clock["arrival"] = clock["later"] = base + 10_000 + 60_100 + 1_000
+    send("page_view", 10_000 + 60_100 + 1_000)
+    assert fn.profiles.hits == hits + 1

@@ -339,7 +339,9 @@ class Personalize(KeyedProcessFunction):
     def _decide(self, event: dict[str, Any], subject: str, now_ms: int) -> list[Any]:
         """Fold ``event`` into the key's profile and decide: [decision, (AUDIT, record)], or [] for a duplicate."""
         personalizer = self.personalizer
-        profile = self.profiles.get(subject, now_ms)
+        # The entry's age at this moment, not at the record's arrival: a reload or a pause since then must not let
+        # the cache serve a profile Flink's TTL would now refuse (its margin covers only microseconds from here).
+        profile = self.profiles.get(subject, _now_ms())
         if profile is None:
             profile = profile_from_state(self.profile_state.value())
         try:

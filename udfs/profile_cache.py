@@ -21,7 +21,8 @@ from __future__ import annotations
 from udfs.profile_state import Profile
 
 # An entry counts as expired this much before Flink's TTL would expire the state it mirrors: the entry's time
-# is taken before the state write, Flink's at it, and both read the same wall clock.
+# is taken before the state write, Flink's at it, and both read the same wall clock. A lookup must pass the time
+# of the lookup itself (Flink checks expiry when it reads), so the margin only has to cover the moment between.
 CLOCK_MARGIN_MS = 1_000
 
 
