@@ -43,7 +43,7 @@ def plan(baseline_rate: float, mde: float, alpha: float = 0.05, power: float = 0
     problems = []
     if not 0 < baseline_rate < 1:
         problems.append(f"--baseline-rate must be between 0 and 1 (a rate such as 0.4), got {baseline_rate}")
-    if not mde or not 0 < baseline_rate + mde < 1:
+    if not mde or (0 < baseline_rate < 1 and not 0 < baseline_rate + mde < 1):  # judged against a valid rate only
         problems.append(f"--mde must be a non-zero absolute change that keeps the rate in (0, 1) (0.05 = +5 "
                         f"points), got {mde}")
     if not 0 < alpha < 0.5:
@@ -52,6 +52,8 @@ def plan(baseline_rate: float, mde: float, alpha: float = 0.05, power: float = 0
         problems.append(f"--power must be in (0, 1), got {power}")
     if arms < 2:
         problems.append(f"--arms must be at least 2 (the baseline and one treatment), got {arms}")
+    if simulate_runs < 0:
+        problems.append(f"--simulate must be 0 (no simulation) or a number of simulated experiments, got {simulate_runs}")
     if problems:
         raise PlanError("; ".join(problems))
     n = stats.sample_size_per_arm(baseline_rate, mde, alpha, power, arms)

@@ -139,6 +139,11 @@ def _training_history(cfg: OnrampConfig, args: argparse.Namespace) -> Any:
 
     from models import history
 
+    window_flags = [flag for flag, value in (("--days", args.days), ("--from-ms", args.from_ms), ("--to-ms", args.to_ms))
+                    if value is not None]
+    if window_flags and not args.from_topic:  # else they would be ignored and a model trained on other data
+        raise ConfigError(f"{', '.join(window_flags)} {'applies' if len(window_flags) == 1 else 'apply'} only with --from-topic TOPIC (the window of that topic "
+                          f"to train on); without it train reads --from-avro files or generates synthetic history")
     if args.from_avro:
         batch = history.read_avro_files([Path(p) for p in args.from_avro])
     elif args.from_topic:
@@ -355,7 +360,8 @@ def cmd_models_list(cfg: OnrampConfig, args: argparse.Namespace) -> int:
         print(json.dumps([v.to_dict() for v in versions], indent=2))
         return 0
     if not versions:
-        log.info("no model bundles in %s; `onramp train` publishes one", cfg.model_dir)
+        where = "" if Path(cfg.model_dir).is_dir() else " (the directory does not exist: check --model-dir)"
+        log.info("no model bundles in %s%s; `onramp train` publishes one", cfg.model_dir, where)
         return 0
     header = ["", "VERSION", "CREATED (UTC)", "PARENT", "DATA (UTC)", "K", "SILHOUETTE", "ARI", "CHURN AUC", "LOG-LOSS",
               "GATE"]
@@ -540,10 +546,10 @@ def _lint(path: Path) -> list[Any]:
     content templates its outcomes use."""
     from udfs.rules.compiler import compile_ruleset
     from udfs.rules.lint import LintFinding, semantic_findings, template_findings
-    from udfs.rules.model import RuleSetError, parse_ruleset
+    from udfs.rules.model import RuleSetError, parse_ruleset, read_rule_text
 
-    text = path.read_text()
     try:
+        text = read_rule_text(path)
         compiled = compile_ruleset(parse_ruleset(text, str(path)))
     except RuleSetError as exc:
         return [LintFinding(f.file, f.line, "error", f.code, f.message) for f in exc.findings]
@@ -576,10 +582,11 @@ def cmd_rules_backtest(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from models import history
     from udfs.model_bundle import load_current
     from udfs.rules.compiler import compile_rules_text
+    from udfs.rules.model import read_rule_text
 
     old_path = Path(args.against or cfg.rules_file)
-    old = compile_rules_text(old_path.read_text(), str(old_path))
-    new = compile_rules_text(Path(args.rules).read_text(), args.rules)
+    old = compile_rules_text(read_rule_text(old_path), str(old_path))
+    new = compile_rules_text(read_rule_text(args.rules), args.rules)
     sources = args.events or [cfg.input_topic]
     if all(Path(p).exists() for p in sources):
         batch = history.read_avro_files([Path(p) for p in sources])
@@ -601,8 +608,9 @@ def cmd_rules_preview(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from jobs.content_preview import format_preview, preview
     from udfs.model_bundle import load_current
     from udfs.rules.compiler import compile_rules_text
+    from udfs.rules.model import read_rule_text
 
-    rules = None if cfg.rules_file == "builtin" else compile_rules_text(Path(cfg.rules_file).read_text(), cfg.rules_file)
+    rules = None if cfg.rules_file == "builtin" else compile_rules_text(read_rule_text(cfg.rules_file), cfg.rules_file)
     try:
         bundle = load_current(cfg.model_dir, half_life_hours=cfg.interest_half_life_hours)
     except Exception as exc:  # preview still works without a model: the default flow
@@ -770,7 +778,10 @@ def build_parser() -> argparse.ArgumentParser:
 # (subclasses included) so this module need not import every package to recognise them.
 _KNOWN_ERRORS = ("ServiceError", "BrokerUnavailable", "ProvisionError", "FlinkJobError", "BundleError", "TrainingError",
                  "RegistryError", "RuleSetError", "QualityGateError", "PrivacyError", "PseudonymKeyError",
-                 "ExperimentConfigError", "OutcomeFileError", "PlanError", "KafkaConnectionProblem", "KafkaSecurityError")
+                 "ExperimentConfigError", "OutcomeFileError", "PlanError", "KafkaConnectionProblem", "KafkaSecurityError",
+                 "PreviewError", "HistoryError",
+                 # A file the user named is missing, a directory, or unreadable: its message names the path.
+                 "OSError")
 
 
 def main(argv: list[str] | None = None) -> int:

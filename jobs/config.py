@@ -8,6 +8,7 @@ minutes later inside a TaskManager.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -374,6 +375,10 @@ def _allow_list_problems(demographic: Any, context: Any) -> list[str]:
     return problems
 
 
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _coerce(name: str, raw: Any, target: Any) -> Any:
     """Convert a string (env or CLI) to the type of the field's default; a tuple from a comma-separated list."""
     if isinstance(target, tuple) and isinstance(raw, list):
@@ -384,15 +389,22 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
         return _split_list(raw)
     try:
         if isinstance(target, bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word in _TRUE_WORDS or word in _FALSE_WORDS:
+                return word in _TRUE_WORDS
+            # A typo must not silently turn a safety setting off (e.g. kafka_ssl_check_hostname=ture).
+            raise ValueError(f"not one of {', '.join(_TRUE_WORDS)} / {', '.join(_FALSE_WORDS)}")
         if isinstance(target, int):
             return int(raw.replace("_", ""))
         if isinstance(target, float):
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # nan passes every range check (comparisons are false): refuse it here
+                raise ValueError("not a finite number")
+            return value
         if isinstance(target, Path):
             return Path(raw).expanduser()
     except ValueError as exc:
-        raise ConfigError(f"{name}: cannot read {raw!r} as {type(target).__name__}") from exc
+        raise ConfigError(f"{name}: cannot read {raw!r} as {type(target).__name__} ({exc})") from exc
     return raw
 
 

@@ -99,6 +99,8 @@ def current_bundle_path(model_dir: Path) -> Path | None:
 
 
 def _known_versions_hint(model_dir: Path) -> str:
+    if not Path(model_dir).is_dir():
+        return f"{model_dir} is not a directory: check --model-dir / ONRAMP_MODEL_DIR, or run `onramp train`"
     known = list_versions(model_dir)
     return f"known versions: {', '.join(known)}" if known else "nothing is published there yet (run `onramp train`)"
 

@@ -66,3 +66,12 @@ def test_process_mode_with_ttl_warns_why_it_is_slow():
     assert "synchronously" in process_mode_warning(load_config(overrides={"execution_mode": "process"}, environ={}))
     assert process_mode_warning(load_config(overrides={"execution_mode": "process", "state_ttl_hours": 0},
                                             environ={})) is None
+
+
+@pytest.mark.parametrize("name, raw", [("kafka_ssl_check_hostname", "ture"), ("gc_freeze", "maybe"),
+                                       ("state_ttl_hours", "nan"), ("churn_horizon_hours", "inf")])
+def test_a_mistyped_switch_or_a_non_finite_number_is_refused_not_guessed(name, raw):
+    """A typo must not turn hostname checking off, and nan would pass every range check (comparisons are false)."""
+    with pytest.raises(ConfigError, match=f"ONRAMP_{name.upper()}: cannot read"):
+        load_config(environ={f"ONRAMP_{name.upper()}": raw})
+    assert load_config(environ={"ONRAMP_GC_FREEZE": "off"}).gc_freeze is False

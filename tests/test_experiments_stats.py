@@ -144,8 +144,11 @@ def test_plan_matches_the_textbook_number_and_refuses_nonsense() -> None:
     assert stats.sample_size_per_arm(0.4, 0.05) == 1534
     assert stats.power_at(1534, 0.4, 0.05) == pytest.approx(0.8, abs=0.002)
     assert plan(0.4, 0.05, arms=4).users_per_arm > plan(0.4, 0.05).users_per_arm  # Bonferroni over 3
-    with pytest.raises(PlanError, match="--baseline-rate"):
+    with pytest.raises(PlanError, match="--baseline-rate") as refused:
         plan(1.4, 0.05)
+    assert "--mde" not in str(refused.value)  # a valid --mde is not blamed for the rate's mistake
+    with pytest.raises(PlanError, match="--simulate"):
+        plan(0.4, 0.05, simulate_runs=-3)
 
 
 def test_multivariate_report_corrects_across_arms_with_holm() -> None:

@@ -105,8 +105,11 @@ def test_set_current_refuses_unknown_versions_and_names_the_known_ones(tmp_path,
     with pytest.raises(FileNotFoundError):  # what callers of set_current caught before
         registry.set_current(tmp_path, UNKNOWN)
     assert registry.current_version(tmp_path) == three_versions[2]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(registry.RegistryError, match="nothing is published there yet"):
         registry.manifest_of(tmp_path / "empty")
+    with pytest.raises(registry.RegistryError, match="is not a directory: check --model-dir"):  # a typo, not empty
+        registry.manifest_of(tmp_path / "typo")
 
 
 def test_rollback_walks_the_parents_then_says_there_is_none(tmp_path, three_versions):

@@ -98,3 +98,27 @@ def test_publish_refuses_a_file_with_errors_and_replaces_atomically(tmp_path):
     new = _edited(tmp_path, "new.yaml", _without_concierge)
     assert main(["rules", "publish", new, "--set", f"rules_file={target}"]) == 0
     assert yaml.safe_load(target.read_text())["version"] == "test-2"
+
+
+def test_rule_commands_name_an_unreadable_or_broken_file_instead_of_a_traceback(tmp_path, capsys, caplog):
+    """A typo'd path, a directory, a binary file or broken YAML: one line naming the file (and the line), exit 1."""
+    shipped = str(REPO_ROOT / "rules" / "onboarding.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ruleset: x\n  bad: [\n")
+    assert main(["rules", "lint", str(tmp_path / "nope.yaml"), str(tmp_path), str(binary)]) == 1
+    out = capsys.readouterr().out
+    assert "nope.yaml:0: error: io: cannot read rule file: No such file or directory" in out
+    assert "Is a directory" in out and "binary.yaml:0: error: io: not a UTF-8 text file" in out
+    assert main(["rules", "diff", shipped, str(broken)]) == 1
+    assert "broken.yaml:2: [yaml] not valid YAML" in caplog.text
+    assert main(["rules", "diff", shipped, str(tmp_path / "nope.yaml")]) == 1
+    assert main(["rules", "publish", str(tmp_path / "nope.yaml")]) == 1
+    assert "Traceback" not in caplog.text + capsys.readouterr().err
+
+
+def test_train_refuses_a_window_without_a_topic(caplog):
+    """`train --days 30` without --from-topic would train on synthetic data and publish it: refuse instead."""
+    assert main(["train", "--days", "30"]) == 2
+    assert "--days applies only with --from-topic" in caplog.text

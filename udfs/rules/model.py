@@ -357,11 +357,19 @@ def parse_ruleset(text: str, source_name: str = "<rules>") -> RuleSet:
     )
 
 
-def load_ruleset(path: str | Path) -> RuleSet:
-    """:func:`parse_ruleset` of a file; findings name the file as given."""
+def read_rule_text(path: str | Path) -> str:
+    """A rule file's text, or a :class:`RuleSetError` naming the file: missing, a directory, unreadable, or not
+    UTF-8 text (every command that takes a rule file reports these as findings, not tracebacks)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuleSetError([Finding(str(path), 0, "io", f"cannot read rule file: {exc.strerror or exc}")]) from None
-    return parse_ruleset(text, str(path))
+    except UnicodeDecodeError as exc:
+        raise RuleSetError([Finding(str(path), 0, "io", f"not a UTF-8 text file (byte {exc.start}): expected a YAML "
+                                                       f"rule set")]) from None
+
+
+def load_ruleset(path: str | Path) -> RuleSet:
+    """:func:`parse_ruleset` of a file; findings name the file as given."""
+    return parse_ruleset(read_rule_text(path), str(path))
