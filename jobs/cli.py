@@ -147,6 +147,9 @@ def _training_history(cfg: OnrampConfig, args: argparse.Namespace) -> Any:
     if args.from_avro:
         batch = history.read_avro_files([Path(p) for p in args.from_avro])
     elif args.from_topic:
+        from jobs.kafka_admin import require_broker
+
+        require_broker(cfg)
         from_ms, to_ms = args.from_ms, args.to_ms
         if args.days is not None:
             from_ms, to_ms = history.window_for(args.days, time.time_ns() // 1_000_000)
@@ -263,8 +266,10 @@ def cmd_stop(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 
 def cmd_produce(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from jobs.event_stream import generated_records, malformed_records
+    from jobs.kafka_admin import require_broker
     from jobs.kafka_io import make_producer, produce
 
+    require_broker(cfg)
     producer = make_producer(cfg)
     records = generated_records(n_users=args.users, seed=args.seed, max_events=args.max_events)
     report = produce(
@@ -279,9 +284,11 @@ def cmd_produce(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_consume(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from jobs.kafka_admin import require_broker
     from jobs.kafka_io import end_offsets, read_records
     from udfs.avro_codec import dead_letter_codec, decision_codec
 
+    require_broker(cfg)
     topic = cfg.dead_letter_topic if args.dead_letters else cfg.decisions_topic
     codec = dead_letter_codec() if args.dead_letters else decision_codec()
     start = end_offsets(cfg, topic) if args.follow else None
@@ -593,6 +600,13 @@ def cmd_rules_backtest(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     elif len(sources) == 1:  # a topic: its last --days days
         import time
 
+        from jobs.kafka_admin import BrokerUnavailable, require_broker
+
+        try:
+            require_broker(cfg)
+        except BrokerUnavailable as exc:  # a mistyped file name would otherwise read as a topic name
+            raise BrokerUnavailable(f"--events {sources[0]!r} is neither a file nor a directory, so it was read as a "
+                                    f"topic name, and {exc}") from None
         window = history.window_for(args.days, time.time_ns() // 1_000_000)
         batch = history.read_kafka_topic(cfg, sources[0], *window, timeout_s=300.0)
     else:

@@ -48,6 +48,15 @@ def reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
     return _any_port_open(bootstrap, timeout_s)
 
 
+def require_broker(cfg: OnrampConfig) -> None:
+    """Fail at once, saying what to do, when no bootstrap address accepts a connection: a kafka-python client
+    would retry for its whole bootstrap timeout (~30 s) and log every attempt first. For commands a user runs
+    against a broker that should already be up; code that waits for a starting broker uses wait_for_broker."""
+    if not reachable(cfg.bootstrap_servers, timeout_s=2.0):
+        raise BrokerUnavailable(f"nothing accepts connections at {cfg.bootstrap_servers}: start the broker (`onramp "
+                                f"up` starts the local one), or fix --bootstrap-servers / ONRAMP_BOOTSTRAP_SERVERS")
+
+
 @contextlib.contextmanager
 def admin_client(bootstrap: str, *, timeout_s: float = 10.0, cfg: OnrampConfig | None = None,
                  **configs: Any) -> Iterator[KafkaAdminClient]:

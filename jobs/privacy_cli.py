@@ -61,12 +61,14 @@ def cmd_pseudonym(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 
 def request_state_check(cfg: OnrampConfig, subject: str, timeout_s: float) -> dict[str, Any]:
     """Send a state check for ``subject`` to the running job and wait for its answer on the audit topic."""
+    from jobs.kafka_admin import require_broker
     from jobs.kafka_io import end_offsets, make_producer, read_records
     from udfs import control
     from udfs.avro_codec import audit_codec
 
     if not cfg.audit_topic:
         raise PrivacyError("audit_topic is off: the job answers state checks on the audit topic")
+    require_broker(cfg)
     start = end_offsets(cfg, cfg.audit_topic)
     request_id = str(uuid.uuid4())
     producer = make_producer(cfg)
@@ -93,10 +95,12 @@ def cmd_check(cfg: OnrampConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(cfg: OnrampConfig, args: argparse.Namespace) -> int:
+    from jobs.kafka_admin import require_broker
     from jobs.kafka_io import read_records
     from udfs.avro_codec import audit_codec
 
     subject = _subject(cfg, args)
+    require_broker(cfg)
     codec = audit_codec()
     for record in read_records(cfg, cfg.audit_topic, timeout_s=args.timeout, idle_timeout_s=3.0):
         audit = codec.decode(record.value)

@@ -117,8 +117,3 @@ def test_rule_commands_name_an_unreadable_or_broken_file_instead_of_a_traceback(
     assert main(["rules", "publish", str(tmp_path / "nope.yaml")]) == 1
     assert "Traceback" not in caplog.text + capsys.readouterr().err
 
-
-def test_train_refuses_a_window_without_a_topic(caplog):
-    """`train --days 30` without --from-topic would train on synthetic data and publish it: refuse instead."""
-    assert main(["train", "--days", "30"]) == 2
-    assert "--days applies only with --from-topic" in caplog.text

@@ -1,0 +1,43 @@
+"""Mistakes a user makes on the command line end in one line saying what to do, quickly, not in a traceback,
+a 30 s hang or a silently different action."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from jobs.cli import main
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [
+    ["consume", "--max", "1"],
+    ["produce", "--max-events", "1"],
+    ["privacy", "audit", "--user", "alice"],
+    ["rules", "backtest", "rules/onboarding.yaml", "--events", "exports/typo.avro"],
+    ["train", "--from-topic", "onboarding-events", "--days", "1"],
+])
+def test_commands_that_need_the_broker_say_at_once_that_nothing_listens(command, caplog, tmp_path):
+    """kafka-python would retry for ~30 s, logging every attempt, before failing."""
+    key = tmp_path / "key"
+    key.write_text("k" * 40)
+    started = time.monotonic()
+    code = main(command + ["--bootstrap-servers", f"localhost:{_closed_port()}", "--set",
+                           f"pseudonym_key_file={key}", "--model-dir", str(tmp_path / "models")])
+    assert code == 1 and time.monotonic() - started < 10
+    assert "nothing accepts connections at localhost:" in caplog.text and "onramp up" in caplog.text
+    if "backtest" in command:  # a typo'd file name is read as a topic name: say so
+        assert "'exports/typo.avro' is neither a file nor a directory" in caplog.text
+
+
+def test_train_refuses_a_window_without_a_topic(caplog):
+    """`train --days 30` without --from-topic would train on synthetic data and publish it: refuse instead."""
+    assert main(["train", "--days", "30"]) == 2
+    assert "--days applies only with --from-topic" in caplog.text
