@@ -717,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = under.add_parser(name, help=help_text, description=description or help_text,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_flags(p)
+        # Also after the command (`onramp rules lint -v F`); SUPPRESS keeps a -v given before it when absent here.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging, and the full trace of an error")
         p.set_defaults(func=func)
         return p
 

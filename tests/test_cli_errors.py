@@ -41,3 +41,15 @@ def test_train_refuses_a_window_without_a_topic(caplog):
     """`train --days 30` without --from-topic would train on synthetic data and publish it: refuse instead."""
     assert main(["train", "--days", "30"]) == 2
     assert "--days applies only with --from-topic" in caplog.text
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["rules", "lint", "-v", "x.yaml"], True),
+    (["-v", "rules", "lint", "x.yaml"], True),
+    (["rules", "lint", "x.yaml"], False),
+    (["models", "list", "--verbose"], True),
+])
+def test_verbose_works_before_and_after_the_command(argv, verbose):
+    from jobs.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is verbose
