@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.config import REPO_ROOT, SECRET_FIELDS, ConfigError, OnrampConfig, load_config
+from jobs.config import REPO_ROOT, SECRET_FIELDS, ConfigError, OnrampConfig, load_config, misspelled_env_vars
 from jobs.experiments_cli import add_experiments_commands
 from jobs.privacy_cli import add_privacy_commands
 
@@ -139,11 +139,12 @@ def _training_history(cfg: OnrampConfig, args: argparse.Namespace) -> Any:
 
     from models import history
 
-    window_flags = [flag for flag, value in (("--days", args.days), ("--from-ms", args.from_ms), ("--to-ms", args.to_ms))
-                    if value is not None]
-    if window_flags and not args.from_topic:  # else they would be ignored and a model trained on other data
-        raise ConfigError(f"{', '.join(window_flags)} {'applies' if len(window_flags) == 1 else 'apply'} only with --from-topic TOPIC (the window of that topic "
-                          f"to train on); without it train reads --from-avro files or generates synthetic history")
+    given = [flag for flag, value in (("--days", args.days), ("--from-ms", args.from_ms), ("--to-ms", args.to_ms))
+             if value is not None]
+    if given and not args.from_topic:  # else they would be ignored and a model trained on other data
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} {verb} only with --from-topic TOPIC (the window of that topic to train "
+                          f"on); without it train reads --from-avro files or generates synthetic history")
     if args.from_avro:
         batch = history.read_avro_files([Path(p) for p in args.from_avro])
     elif args.from_topic:
@@ -810,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    for warning in misspelled_env_vars():
+        log.warning("%s", warning)
     try:
         cfg = config_from_args(args)
         return args.func(cfg, args)

@@ -408,6 +408,34 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
     return raw
 
 
+# ONRAMP_* variables that are not settings of OnrampConfig but are read elsewhere (keys, paths, test and image
+# knobs), so a near-miss warning never fires for them.
+_OTHER_ENV_VARS = frozenset({
+    "ONRAMP_PSEUDONYM_KEY", "ONRAMP_KAFKA_SASL_PASSWORD_FILE", "ONRAMP_AVRO_DIR", "ONRAMP_SERVICE_TIMEOUT_S",
+    "ONRAMP_LOG_FILE", "ONRAMP_JARS_DIR", "ONRAMP_FUZZ_RANDOM", "ONRAMP_FUZZ_EXAMPLES", "ONRAMP_BUILD_COMPOSE",
+    "ONRAMP_IMAGE", "ONRAMP_COMPOSE_VERSION", "ONRAMP_TRAIN_USERS", "ONRAMP_KAFKA_TLS_PORT",
+    "ONRAMP_KAFKA_SASL_SSL_PORT",
+})
+
+
+def misspelled_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for ``ONRAMP_*`` variables that are no setting but look like one (``ONRAMP_PARALELISM``): a
+    mistyped ``--set`` key is refused, but the environment cannot be, since other tools share it; so the CLI says
+    so instead of silently running with the default."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    settings = {"ONRAMP_" + f.name.upper() for f in fields(OnrampConfig) if f.name != "extra"}
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("ONRAMP_") or name in settings or name in _OTHER_ENV_VARS:
+            continue
+        close = difflib.get_close_matches(name, settings, n=1, cutoff=0.85)
+        if close:
+            warnings.append(f"{name} is not an Onramp setting and is ignored; did you mean {close[0]}?")
+    return warnings
+
+
 def load_config(
     overrides: Mapping[str, Any] | None = None,
     *,

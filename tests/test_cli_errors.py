@@ -53,3 +53,15 @@ def test_verbose_works_before_and_after_the_command(argv, verbose):
     from jobs.cli import build_parser
 
     assert build_parser().parse_args(argv).verbose is verbose
+
+
+def test_a_mistyped_environment_variable_is_pointed_out(monkeypatch, caplog):
+    """A mistyped --set key is refused; the environment is shared with other tools, so a near miss is warned."""
+    from jobs.config import misspelled_env_vars
+
+    assert misspelled_env_vars({"ONRAMP_PARALELISM": "4", "ONRAMP_PSEUDONYM_KEY": "k", "ONRAMP_IMAGE": "x",
+                                "ONRAMP_PARALLELISM": "2"}) == [
+        "ONRAMP_PARALELISM is not an Onramp setting and is ignored; did you mean ONRAMP_PARALLELISM?"]
+    monkeypatch.setenv("ONRAMP_STATE_TTL_HOUR", "1")
+    assert main(["rules", "lint"]) == 0
+    assert "did you mean ONRAMP_STATE_TTL_HOURS?" in caplog.text
