@@ -1,8 +1,10 @@
 """`onramp`: one entry point for the whole lifecycle.
 
+    onramp provision          fetch the pinned jars (Kafka, the Flink connector) and build Onramp's SQL function
     onramp up                 start local Kafka (KRaft) + a standalone Flink cluster (fetches jars first)
     onramp train              train personas + churn model on generated history, publish an ONNX bundle
     onramp models ...         list / show / promote / rollback the published model bundles
+    onramp rules ...          lint / diff / backtest / preview / publish the decision rule sets
     onramp submit             submit the personalize job (`flink run -py jobs/personalize.py`)
     onramp stop [--savepoint] stop it (with a savepoint to `submit --from-savepoint` a new version from)
     onramp produce            send generated onboarding events to the input topic at a given rate
@@ -12,10 +14,15 @@
     onramp down               stop what `up` started
     onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (JSON)
     onramp experiments ...    lint experiment files, plan sample sizes, report which strategy wins
+    onramp privacy ...        pseudonym keys, a user's audit trail, state checks for data-subject requests
+
+Need running services: submit, stop and status (Kafka + Flink; `onramp up` starts local ones, demo and bench
+start them themselves); produce, consume, privacy check/audit, rules backtest on a topic, train --from-topic
+(Kafka only). The rest work offline.
 
 Every command reads one typed config (jobs/config.py): defaults, then ONRAMP_* environment variables, then the
-flags below (`--set key=value` for any setting, `--set kafka.security.protocol=SSL` / `--set flink.<option>=...`
-for client and Flink options).
+flags below (`--set key=value` for any setting, e.g. `--set kafka_security_protocol=SSL`; `--set
+kafka.<client option>=...` / `--set flink.<option>=...` pass other Kafka client and Flink options through).
 """
 
 from __future__ import annotations
@@ -685,8 +692,8 @@ def _add_rules_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -
     p = add("lint", cmd_rules_lint, "check rule set files; exit 1 on errors", under=actions)
     p.add_argument("files", nargs="*", metavar="FILE", help="rule set files (default: the configured rules_file)")
     p = add("diff", cmd_rules_diff, "what changed between two rule set files", under=actions)
-    p.add_argument("old", metavar="OLD")
-    p.add_argument("new", metavar="NEW")
+    p.add_argument("old", metavar="OLD", help="the rule set file before (e.g. the configured rules_file)")
+    p.add_argument("new", metavar="NEW", help="the rule set file after")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("backtest", cmd_rules_backtest, "replay history through two rule sets and count what would change",
             under=actions)
@@ -701,7 +708,9 @@ def _add_rules_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -
                    help="JSON: a list of one user's events, or a decision-like {step_id, content_variant, template_vars}")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("publish", cmd_rules_publish, "lint, then replace the rules file the running job follows", under=actions)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the rule set to publish; it replaces the configured rules_file "
+                                                 "(default rules/onboarding.yaml), which a running job re-reads every "
+                                                 "rules_reload_interval_ms; no job needs to run")
 
 
 def build_parser() -> argparse.ArgumentParser:

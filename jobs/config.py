@@ -436,6 +436,15 @@ def misspelled_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
+def _unknown_setting(name: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "."
+    return (f"unknown setting {name!r}{hint} The settings are the fields of OnrampConfig (jobs/config.py); Kafka "
+            f"client and Flink options pass through as kafka.<option> / flink.<option>")
+
+
 def load_config(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -458,7 +467,7 @@ def load_config(
         if raw is None:
             continue
         if name not in known:
-            raise ConfigError(f"unknown setting {name!r}; known settings: {', '.join(sorted(known))}")
+            raise ConfigError(_unknown_setting(name, known - {"extra"}))
         values[name] = _coerce(name, raw, getattr(base, name))
     # Derived defaults follow their parents unless set explicitly.
     if "kafka_port" in values and "bootstrap_servers" not in values and base.bootstrap_servers == "localhost:9092":

@@ -65,3 +65,9 @@ def test_a_mistyped_environment_variable_is_pointed_out(monkeypatch, caplog):
     monkeypatch.setenv("ONRAMP_STATE_TTL_HOUR", "1")
     assert main(["rules", "lint"]) == 0
     assert "did you mean ONRAMP_STATE_TTL_HOURS?" in caplog.text
+
+
+def test_an_unknown_setting_gets_a_suggestion_not_a_list_of_seventy_names(caplog):
+    assert main(["rules", "lint", "--set", "paralelism=2"]) == 2
+    assert "unknown setting 'paralelism'; did you mean parallelism?" in caplog.text
+    assert "extra" not in caplog.text
