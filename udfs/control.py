@@ -16,6 +16,7 @@ from typing import Any
 CONTROL_FORMAT = 1
 STATE_CHECK = "state_check"
 INVALID_CONTROL_MESSAGE = "invalid_control_message"
+MAX_REQUEST_ID_LENGTH = 200
 
 
 class ControlMessageError(ValueError):
@@ -42,6 +43,8 @@ def decode(value: bytes | None) -> dict[str, Any]:
         message = json.loads(value or b"")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ControlMessageError(f"control record is not JSON: {exc}") from None
+    except RecursionError:  # json nests by recursion: `[[[[...` thousands deep would otherwise escape as an error
+        raise ControlMessageError("control record is not a control message: JSON nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
         raise ControlMessageError("control record has no 'kind'")
     if message.get("v") != CONTROL_FORMAT:
@@ -54,4 +57,10 @@ def parse_state_check(message: dict[str, Any]) -> StateCheck:
     request_id = message.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ControlMessageError("state_check needs a request_id")
+    # The answer carries the id (twice) in an Avro record: it must encode, and stay far below Kafka's record limit.
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise ControlMessageError(f"state_check request_id is {len(request_id)} characters; at most "
+                                  f"{MAX_REQUEST_ID_LENGTH} (a UUID is 36)")
+    if not request_id.isprintable():  # also refuses a lone surrogate (a JSON "\ud800"), which cannot be encoded
+        raise ControlMessageError("state_check request_id must be printable text")
     return StateCheck(request_id)

@@ -29,7 +29,8 @@ from udfs.rules_watch import RulesWatcher, content_sha
 from udfs.profile_cache import ProfileCache
 from udfs.pseudonym import PseudonymKey, load_key
 from udfs.profile_state import ProfilePolicy, profile_from_state, profile_to_state
-from udfs.validation import PROCESSING_ERROR, InvalidEvent, ValidationLimits, decode_event
+from udfs.validation import (MALFORMED_AVRO, NOT_SINGLE_OBJECT, PROCESSING_ERROR, InvalidEvent, ValidationLimits,
+                             decode_event)
 from udfs.wire_peek import routing_key
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,24 @@ def routed(record: Any, key: PseudonymKey) -> Any:
     return Row(routing_key(record[0], key), record)
 
 
-def dead_letter_bytes(original: bytes, topic: str, partition: int, offset: int, code: str, message: str,
+# A dead letter keeps at most this much of the original record, so it stays below the Kafka producer's default
+# max.request.size (1 MiB) with its ~2 KB of reason and position; the whole record stays at its topic/offset.
+MAX_DEAD_LETTER_ORIGINAL_BYTES = 1_000_000
+
+
+def dead_letter_bytes(original: bytes | None, topic: str, partition: int, offset: int, code: str, message: str,
                       codec=None) -> bytes:
+    """A dead letter: the original bytes (empty for a record without a value; cut to
+    :data:`MAX_DEAD_LETTER_ORIGINAL_BYTES`, saying so, for a huge one), the reason, and where the record is."""
     codec = codec or dead_letter_codec()
+    original = b"" if original is None else bytes(original)
+    if len(original) > MAX_DEAD_LETTER_ORIGINAL_BYTES:
+        message = (f"[original cut to its first {MAX_DEAD_LETTER_ORIGINAL_BYTES} of {len(original)} bytes; the whole "
+                   f"record is at the topic and offset below] {message}")
+        original = original[:MAX_DEAD_LETTER_ORIGINAL_BYTES]
     return codec.encode(
         {
-            "original": bytes(original),
+            "original": original,
             "topic": topic,
             "partition": -1 if partition is None else partition,
             "offset": -1 if offset is None else offset,
@@ -302,10 +315,18 @@ class Personalize(KeyedProcessFunction):
                          now_ms)
         if self.gc_recorder.collections[2] != self.gc_reported[0]:
             self._sync_gc_counters()
+        if record[0] is None:  # a tombstone or a producer's null: nothing to decode, but never silently dropped
+            yield self._rejected(record, NOT_SINGLE_OBJECT, "the record has no value (null or a tombstone); expected "
+                                                            "an Avro single-object encoded OnboardingEvent", self.rejected)
+            return
         try:
             event = decode_event(self.event_codec, record[0], now_ms, self.limits)
         except InvalidEvent as exc:
             yield self._rejected(record, exc.code, exc.message, self.rejected)
+            return
+        except Exception as exc:  # the codec maps its errors to InvalidEvent; anything else still must not crash
+            log.exception("decoding a record failed unexpectedly")
+            yield self._rejected(record, MALFORMED_AVRO, f"{type(exc).__name__}: {exc}", self.rejected)
             return
         try:
             out = self._event(event, subject, now_ms)
@@ -350,15 +371,17 @@ class Personalize(KeyedProcessFunction):
                 log.debug("duplicate event %s: no decision", event["event_id"])
                 return []
             decision = personalizer.decide(profile, event, subject=subject)
+            # Encoded before the state write: if encoding fails, the event is dead-lettered and the state (and its
+            # dedup ids) stay as they were, so a corrected resend is not taken for a duplicate.
+            out = [self.encode(decision)]
+            if self.audit:
+                out.append((AUDIT, self.audit_encode(decision_audit(decision, event["event_type"], profile, subject,
+                                                                    self.key_id))))
             self.profile_state.update(profile_to_state(profile))
         except BaseException:
             self.profiles.drop(subject)  # the cached profile may be half folded: read the state next time
             raise
         self.profiles.put(subject, profile, now_ms)
-        out = [self.encode(decision)]
-        if self.audit:
-            out.append((AUDIT, self.audit_encode(decision_audit(decision, event["event_type"], profile, subject,
-                                                                self.key_id))))
         self.decisions.inc()
         self.latency.update(now_ms - event["event_time"])
         return out
@@ -382,6 +405,8 @@ class Personalize(KeyedProcessFunction):
     def _apply_identity(self, identity: Any, outcome: Outcome, subject: str) -> list[Any]:
         """Carry out an identity transition's outcome (udfs/identity.py) at key ``subject``: state writes here,
         messages returned."""
+        # Encoded first: a message that cannot be encoded fails the record before any state changed.
+        out = [(IDENTITY, Row(message_key(m), encode_message(m))) for m in outcome.messages]
         if outcome.clear_profile or outcome.profile is not None:
             self.profiles.drop(subject)  # written below, not through the cache
         if outcome.changed and identity is not None:
@@ -394,10 +419,9 @@ class Personalize(KeyedProcessFunction):
             self.profile_state.clear()
         if outcome.profile is not None:
             self.profile_state.update(profile_to_state(outcome.profile))
-        if not outcome.messages:
-            return []
-        self.identity_messages.inc(len(outcome.messages))
-        return [(IDENTITY, Row(message_key(m), encode_message(m))) for m in outcome.messages]
+        if out:
+            self.identity_messages.inc(len(out))
+        return out
 
     def _identity_message(self, record: Any, subject: str) -> list[Any]:
         """A message from another key (Claim, Handoff, Reject, Forward, Erase) read back from the control topic."""
@@ -446,16 +470,24 @@ class Personalize(KeyedProcessFunction):
             if message["kind"] != control.STATE_CHECK:
                 raise control.ControlMessageError(f"unknown control message kind {message['kind']!r}")
             check = control.parse_state_check(message)
+            if not self.audit:  # the answer goes to the audit topic: with none, say so where operators look
+                raise control.ControlMessageError("state check not answered: audit_topic is off, and the job "
+                                                  "answers state checks on the audit topic")
             stored = self.profile_state.value()
             summary = state_check_audit(check.request_id, subject, self.key_id,
                                         {"profile": profile_from_state(stored) if stored else None,
                                          "identity": self.identity_state.value()},
                                         self.personalizer.model_version,
                                         self.personalizer.rules_version)
+            answer = self.audit_encode(summary)
         except control.ControlMessageError as exc:
             yield self._rejected(record, control.INVALID_CONTROL_MESSAGE, str(exc), self.rejected)
             return
-        yield AUDIT, self.audit_encode(summary)
+        except Exception as exc:  # as for events: dead-letter, never crash the job
+            log.exception("state check failed")
+            yield self._rejected(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}", self.failures)
+            return
+        yield AUDIT, answer
 
     def _rejected(self, record: Any, code: str, message: str, counter: Any) -> tuple[OutputTag, bytes]:
         """A record for the dead letters: counted in ``counter`` (``dead_letters``, or ``processing_errors`` for a
@@ -523,7 +555,12 @@ class Personalize(KeyedProcessFunction):
         """Swap the personalizer's ``attribute`` (scorer, rules or experiments) between two events when ``watcher``
         (udfs/model_watch.py, udfs/rules_watch.py) has a new one; count reloads and refusals."""
         refused_before = len(watcher.refused)
-        new = watcher.poll(now_ms)
+        try:
+            new = watcher.poll(now_ms)
+        except Exception:  # a reload runs before an event's own try: it must never fail the event (or the job)
+            log.exception("%s hot reload failed; keeping the current one", attribute)
+            refusals.inc()
+            return
         if new is not None:
             setattr(self.personalizer, attribute, new)
             reloads.inc()

@@ -68,7 +68,12 @@ class BundleWatcher:
                             model_dir, self.current_version)
                 self._unreachable_logged = True
             return None
-        version = read_current(model_dir)
+        try:
+            version = read_current(model_dir)
+        except (OSError, ValueError) as exc:  # unreadable pointer (permissions, EIO, not text): next interval
+            log.warning("model hot reload: cannot read %s/CURRENT, keeping %s: %s", model_dir, self.current_version,
+                        exc)
+            return None
         if version is None or version == self.current_version or version in self.refused:
             return None
         try:
@@ -79,6 +84,11 @@ class BundleWatcher:
             return None
         except OSError as exc:  # storage hiccup (or a version still being copied): try again next interval
             log.warning("model hot reload: cannot read bundle %s yet, keeping %s: %s", version, self.current_version, exc)
+            return None
+        except Exception as exc:  # a manifest of the wrong shape (null or missing keys...): wrong for good too
+            self.refused[version] = f"{type(exc).__name__}: {exc}"
+            log.error("model hot reload: refused bundle %s (unreadable manifest?), keeping %s: %s: %s", version,
+                      self.current_version, type(exc).__name__, exc)
             return None
         log.info("model hot reload: %s -> %s", self.current_version, bundle.version)
         self.current_version = bundle.version

@@ -69,13 +69,19 @@ class RulesWatcher:
         if stamp == self._stamp:
             return None
         try:
-            text = Path(self.path).read_text()
+            data = Path(self.path).read_bytes()
         except OSError as exc:
             log.warning("%s hot reload: cannot read %s yet: %s", self.label, self.path, exc)
             return None
         self._stamp = stamp
+        text = data.decode("utf-8", errors="replace")
         sha = content_sha(text)
         if sha == self.current_sha or sha in self.refused:
+            return None
+        if "\ufffd" in text and "\ufffd".encode() not in data:  # bytes that are not UTF-8: not a rule file
+            self.refused[sha] = "not a UTF-8 text file"
+            log.error("%s hot reload: refused %s (keeping the current version): not a UTF-8 text file", self.label,
+                      self.path)
             return None
         try:
             compiled = self.compile_text(text, str(self.path))
