@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-json")
     parser.add_argument("--jar", action="append", default=[])
     parser.add_argument("--bounded", action="store_true")
+    parser.add_argument("--job-name", default=JOB_NAME)
     args, _ = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO)
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     # Fixed uids: generated ones hash the chaining, so sink_own_thread would otherwise orphan a savepoint's state
     counted = key_by_routing_key(records).process(CountPerUser(), output_type=BYTES).name("count").uid("count")
     sink_thread(counted, cfg).sink_to(kafka_sink(cfg, cfg.decisions_topic, "bare")).name("bare-sink").uid("bare-sink")
-    env.execute(JOB_NAME)
+    env.execute(args.job_name)
 
 
 if __name__ == "__main__":

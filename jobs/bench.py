@@ -15,10 +15,12 @@ import dataclasses
 import logging
 import os
 import platform
+import shutil
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from jobs.config import REPO_ROOT, OnrampConfig
@@ -72,8 +74,8 @@ QUICK = BenchSizes(duration_s=6.0, backlog=10_000, stage_events=5_000, exactly_o
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan")}
+    if not values:  # None, not NaN: json.dumps would write a bare NaN, which strict JSON parsers refuse
+        return {"p50": None, "p95": None, "p99": None, "max": None}
     ordered = sorted(values)
 
     def pick(q: float) -> float:
@@ -138,6 +140,10 @@ class Bench:
         self.sizes = sizes
         self.run_id = uuid.uuid4().hex[:8]
         self.topics_made: list[str] = []
+        # Its own checkpoints, deleted at the end: in the user's checkpoint_dir a benchmark job's retained
+        # checkpoint would be what `onramp submit --from-checkpoint latest` restores the user's job from.
+        self.checkpoint_dir = Path(cfg.state_dir) / "bench-checkpoints" / self.run_id
+        self.jobs_started: list[str] = []
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
@@ -152,11 +158,27 @@ class Bench:
             audit_topic=f"bench-{self.run_id}-{name}-audit" if self.cfg.audit_topic else "",  # "" keeps audit off
             control_topic=f"bench-{self.run_id}-{name}-control",
             group_id=f"bench-{self.run_id}-{name}",
+            checkpoint_dir=str(self.checkpoint_dir),
         )
         self.topics_made += cfg.job_topics()
         ensure_topics(cfg, [t for t in cfg.job_topics() if t != cfg.decisions_topic])
         ensure_topics(cfg, [cfg.decisions_topic], configs={"message.timestamp.type": "LogAppendTime"})
         return cfg
+
+    def clean_up(self) -> None:
+        """Cancel any of the run's jobs still running (a measurement that failed, timed out or was interrupted
+        would otherwise leave it restarting and holding a slot), then delete the run's topics and checkpoints."""
+        from jobs import flink_jobs
+
+        for job_id in self.jobs_started:
+            try:
+                if flink_jobs.rest(self.cfg, f"/jobs/{job_id}")["state"] not in ("CANCELED", "FAILED", "FINISHED"):
+                    log.info("cancelling benchmark job %s", job_id)
+                    flink_jobs.cancel(self.cfg, job_id)
+            except Exception as exc:  # cleanup must not hide the figures (or the error that got us here)
+                log.warning("could not cancel benchmark job %s: %s", job_id, exc)
+        self.delete_topics()
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def delete_topics(self) -> None:
         """Delete the run's topics: each run writes up to a few hundred thousand records to ~20 fresh topics, and
@@ -181,8 +203,10 @@ class Bench:
             env=services.flink_env(cfg),
             jars=flink_job_jars(cfg),
             script=BARE_SCRIPT if variant == "bare" else flink_jobs.JOB_SCRIPT,
-            job_args=["--bounded"] if bounded else [],
+            # Not the user's job name: `onramp submit`, `stop` and `status` find the user's job by name.
+            job_args=["--job-name", f"onramp-bench-{self.run_id}-{variant}"] + (["--bounded"] if bounded else []),
         )
+        self.jobs_started.append(job_id)
         if not bounded:
             flink_jobs.wait_running(cfg, job_id)
         return job_id
@@ -248,7 +272,7 @@ class Bench:
                 sent[id_of[value]] = now_ms
             return value
 
-        job_id = self._submit(cfg, variant, bounded=False)
+        job_id = self._submit(cfg, variant, bounded=False)  # cancelled by clean_up if it never gets running
         try:
             time.sleep(1.0)  # let the Python workers settle before the clock starts
             log.info("%s latency (%s): %d events at %.0f/s (first %.0f s warm-up)", variant, delivery, n,
@@ -352,9 +376,10 @@ def run_bench(cfg: OnrampConfig, sizes: BenchSizes, *, stages_only: bool = False
         train_and_publish(cfg)
     bundle = load_current(cfg.model_dir)
     log.info("generating events")
-    pool = EventPool(sizes.jit_warmup_events + 2 * sizes.backlog
-                     + 2 * int(sizes.rate * (sizes.duration_s + sizes.warmup_s))
-                     + int(sizes.rate * sizes.exactly_once_duration_s), seed=int(time.time()))
+    needed = sizes.stage_events if stages_only else (
+        sizes.jit_warmup_events + 2 * sizes.backlog + 2 * int(sizes.rate * (sizes.duration_s + sizes.warmup_s))
+        + int(sizes.rate * sizes.exactly_once_duration_s))
+    pool = EventPool(max(needed, sizes.stage_events), seed=int(time.time()))
     log.info("per-stage microbenchmark over %d events", sizes.stage_events)
     stages = stage_costs(cfg, bundle, pool.events[: sizes.stage_events])
     result: dict[str, Any] = {"stages_us": stages, "machine": machine_facts(cfg), "model_version": bundle.version}
@@ -375,7 +400,7 @@ def run_bench(cfg: OnrampConfig, sizes: BenchSizes, *, stages_only: bool = False
         bare_lat = bench.latency("bare", pool)
         eo_lat = bench.latency("full", pool, delivery="exactly-once", duration_s=sizes.exactly_once_duration_s)
     finally:
-        bench.delete_topics()
+        bench.clean_up()
     # Four more jobs ran on the same TaskManagers after the first: what they left in metaspace (a job's own
     # classes should not stay after it ends)
     result["machine"]["taskmanager_metaspace_mb"] = {"after_first_job": metaspace_first,
@@ -384,7 +409,8 @@ def run_bench(cfg: OnrampConfig, sizes: BenchSizes, *, stages_only: bool = False
     result["full"] = {**full_tp, "latency_ms": full_lat["latency_ms"], "latency_run": full_lat}
     result["bare"] = {**bare_tp, "latency_ms": bare_lat["latency_ms"], "latency_run": bare_lat}
     result["exactly_once"] = eo_lat
-    ratio = (full_tp["throughput_eps"] or 0) / bare_tp["throughput_eps"] if bare_tp["throughput_eps"] else None
+    ratio = (full_tp["throughput_eps"] / bare_tp["throughput_eps"]
+             if full_tp["throughput_eps"] and bare_tp["throughput_eps"] else None)
     result["throughput_ratio"] = round(ratio, 3) if ratio is not None else None
     result["counts_ok"] = all(
         r["decisions"] == r["events"] == r["unique_decisions"] for r in (full_tp, bare_tp, full_lat, bare_lat, eo_lat)

@@ -12,7 +12,7 @@
     onramp demo               all of the above in one go, with a readable summary
     onramp status             the job: state, uptime, checkpoints, restarts, throughput, lag, versions
     onramp down               stop what `up` started
-    onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (JSON)
+    onramp bench [--quick]    throughput + latency on the real services vs a bare PyFlink baseline (--json)
     onramp experiments ...    lint experiment files, plan sample sizes, report which strategy wins
     onramp privacy ...        pseudonym keys, a user's audit trail, state checks for data-subject requests
 
@@ -789,11 +789,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1000.0, help="events per second (default 1000)")
     p.add_argument("--malformed", type=int, default=4, help="malformed records to show the dead-letter path")
     p = add("bench", cmd_bench, "measure throughput and latency on the real services against a bare baseline")
-    p.add_argument("--quick", action="store_true", help="small sizes (< 3 minutes; latency of a cold job, indicative) instead of the full run (5.5-7 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (< 3 minutes) instead of the full run (5.5-6.5 minutes); no JIT warm-up job, so "
+                        "the full job runs cold: its latency, throughput and ratio are indicative only")
     p.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     p.add_argument("--stages-only", action="store_true", help="only the in-process per-stage microbenchmark")
     p.add_argument("--rate", type=float, help="events/s for the latency runs (default 1000)")
-    p.add_argument("--duration", type=float, help="seconds per latency run")
+    p.add_argument("--duration", type=float, help="seconds per at-least-once latency run, after --warmup (the "
+                                                   "exactly-once run has its own length)")
     p.add_argument("--backlog", type=int, help="events pre-loaded for the throughput runs")
     p.add_argument("--stage-events", type=int, help="events for the per-stage microbenchmark")
     p.add_argument("--warmup", type=float, help="seconds produced at the rate before latency is measured "

@@ -448,12 +448,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-json", help="full Onramp config as JSON (written by `onramp submit`)")
     parser.add_argument("--jar", action="append", default=[], help="connector jar to add (repeatable)")
     parser.add_argument("--bounded", action="store_true", help="stop at the input topic's current end (benchmarks)")
+    parser.add_argument("--job-name", default=JOB_NAME,
+                        help=f"the Flink job name (default {JOB_NAME}, which `onramp submit/stop/status` look for; "
+                             "the benchmark uses its own)")
     args, _ = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_json(args.config_json) if args.config_json else load_config()
     env = build_kafka_job(cfg, [Path(j) for j in args.jar], bounded=args.bounded)
-    log.info("submitting %s: %s -> %s (delivery %s)", JOB_NAME, cfg.input_topic, cfg.decisions_topic, cfg.delivery)
-    env.execute(JOB_NAME)
+    log.info("submitting %s: %s -> %s (delivery %s)", args.job_name, cfg.input_topic, cfg.decisions_topic,
+             cfg.delivery)
+    env.execute(args.job_name)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jobs.bench import BenchSizes, run_bench, summary_table
@@ -39,3 +41,15 @@ def test_bench_runs_and_accounts_for_every_event(live_services):
 
     with admin_client(live_services.bootstrap_servers, cfg=live_services) as admin:
         assert not [t for t in admin.list_topics() if t.startswith("bench-")]
+    # ...and so are its jobs and checkpoints: none left running, each named apart from the user's job (which
+    # `onramp submit/stop/status` find by name), and no checkpoint of theirs in the user's checkpoint_dir, where
+    # `submit --from-checkpoint latest` would have picked the newest one up
+    from urllib.parse import urlparse
+
+    from jobs import flink_jobs
+
+    bench_jobs = [j for j in flink_jobs.list_jobs(live_services) if j["name"].startswith("onramp-bench-")]
+    assert len(bench_jobs) >= 6 and not [j for j in bench_jobs if j["state"] not in ("FINISHED", "CANCELED")]
+    user_checkpoints = Path(urlparse(live_services.checkpoint_uri).path)
+    assert not [j for j in bench_jobs if (user_checkpoints / j["jid"]).exists()]
+    assert not list((live_services.state_dir / "bench-checkpoints").glob("*/*"))
