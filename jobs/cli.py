@@ -93,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> OnrampConfig:
 def cmd_provision(cfg: OnrampConfig, args: argparse.Namespace) -> int:
     from jobs.provision import provision
 
-    result = provision(cfg)
+    result = provision(cfg, force=args.force)
     print(json.dumps({
         "jars_dir": str(result.jars_dir),
         "flink_job_jars": [str(p) for p in result.flink_jars],
@@ -733,7 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("provision", cmd_provision, "fetch the Kafka broker and Flink connector jars and build Onramp's SQL function (pinned Maven pom) into .cache/jars")
+    p = add("provision", cmd_provision, "fetch the Kafka broker and Flink connector jars and build Onramp's SQL "
+                                         "function (pinned Maven pom) into .cache/jars")
+    p.add_argument("--force", action="store_true", help="fetch and build again even if the jars are there (e.g. "
+                                                        "after a damaged download)")
     p = add("up", cmd_up, "start local Kafka + Flink (idempotent; waits until healthy)")
     p.add_argument("--kafka-only", action="store_true", help="start only the Kafka broker")
     p.add_argument("--flink-only", action="store_true", help="start only the Flink cluster")

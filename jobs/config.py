@@ -217,6 +217,15 @@ class OnrampConfig:
         problems += _security_problems(self)
         if self.dedup_max_ids < 1:
             problems.append(f"dedup_max_ids must be >= 1, got {self.dedup_max_ids}")
+        local_ports = {name: getattr(self, name) for name in ("kafka_port", "kafka_controller_port", "flink_rest_port",
+                                                              "kafka_tls_port", "kafka_sasl_ssl_port",
+                                                              "prometheus_port") if getattr(self, name)}
+        by_port: dict[int, list[str]] = {}
+        for name, port in local_ports.items():
+            by_port.setdefault(port, []).append(name)
+        for port, names in by_port.items():
+            if len(names) > 1:  # the local services would fight over it (the second fails to bind, or worse)
+                problems.append(f"{' and '.join(names)} are both {port}; the local services need a port each")
         if self.interest_half_life_hours <= 0:
             problems.append("interest_half_life_hours must be > 0")
         if self.churn_horizon_hours <= 0:

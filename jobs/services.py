@@ -40,7 +40,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import yaml
@@ -415,6 +415,11 @@ def _start_kafka(cfg: OnrampConfig, p: _Paths) -> dict:
     existing = _kafka_pid(cfg, p)
     bootstrap = _kafka_bootstrap(cfg)
     if existing is not None:
+        running_port = _running_kafka_port(p)
+        if running_port is not None and running_port != cfg.kafka_port:  # waiting on the new port would time out
+            raise ServiceError(f"Kafka from state_dir {cfg.state_dir} is already running (pid {existing}) on port "
+                               f"{running_port}, not kafka_port {cfg.kafka_port}: `onramp down` first to change its "
+                               f"port, or give another --state-dir for a second broker")
         log.info("Kafka already running (pid %d); checking health", existing)
         if kafka_admin.probe_broker(bootstrap, timeout_s=3.0) is None:
             _wait_kafka(cfg, p, existing)
@@ -453,11 +458,16 @@ def _start_kafka(cfg: OnrampConfig, p: _Paths) -> dict:
             capture_output=True, text=True, env=env, timeout=120,
         )
         if fmt.returncode != 0:
-            raise ServiceError(
-                f"formatting Kafka storage in {p.kafka_data} failed (exit {fmt.returncode}):\n"
-                f"{(fmt.stdout + fmt.stderr).strip()[-3000:]}\nIf the folder holds data from another cluster, "
-                "remove it (rm -rf) and retry."
-            )
+            output = (fmt.stdout + fmt.stderr).strip()
+            if "Could not find or load main class" in output or "ClassNotFoundException" in output \
+                    or "NoClassDefFoundError" in output or "zip" in output.lower():
+                hint = (f"The Kafka jars in {Path(cfg.jars_dir) / 'kafka'} look damaged or incomplete: fetch them "
+                        f"again with `onramp provision --force`.")
+            else:
+                hint = (f"If {p.kafka_data} holds data of another Kafka cluster that you no longer need, move it "
+                        f"away (or set another --state-dir) and retry.")
+            raise ServiceError(f"formatting Kafka storage in {p.kafka_data} failed (exit {fmt.returncode}):\n"
+                               f"{output[-3000:]}\n{hint}")
 
     started = time.monotonic()
     with p.kafka_log.open("a") as fh:
@@ -469,6 +479,16 @@ def _start_kafka(cfg: OnrampConfig, p: _Paths) -> dict:
     secs = time.monotonic() - started
     log.info("Kafka healthy in %.1fs", secs)
     return {**_kafka_status(cfg, p, probe=False), "healthy": True, "started": True, "seconds": round(secs, 1)}
+
+
+def _running_kafka_port(p: _Paths) -> int | None:
+    """The PLAINTEXT port of the broker started from ``p`` (server.properties is written only when it starts)."""
+    try:
+        text = p.server_properties.read_text()
+    except OSError:
+        return None
+    match = re.search(r"^listeners=PLAINTEXT://[^:,]*:(\d+)", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def _bootstrap_port(bootstrap: str) -> int | None:
@@ -756,6 +776,16 @@ def _start_flink(cfg: OnrampConfig, p: _Paths) -> dict:
             "flink_rest_url=%s does not point at the local cluster port %d", cfg.flink_rest_url, cfg.flink_rest_port
         )
     jm, tms = _flink_pids(p)
+    rest_port_file = p.jm_pid.parent / "flink-rest-port"
+    if jm is not None:
+        try:
+            running_port = int(rest_port_file.read_text())
+        except (OSError, ValueError):
+            running_port = None
+        if running_port is not None and running_port != cfg.flink_rest_port:  # waiting on the new port would time out
+            raise ServiceError(f"Flink from state_dir {cfg.state_dir} is already running (jobmanager pid {jm}) with "
+                               f"REST port {running_port}, not flink_rest_port {cfg.flink_rest_port}: `onramp down` "
+                               f"first to change its port, or give another --state-dir for a second cluster")
     if jm is not None and tms and _flink_healthy(flink_overview(cfg)):
         log.info("Flink already running (jobmanager pid %d, taskmanager pid(s) %s)", jm, tms)
         return {**_flink_status(cfg, p), "started": False}
@@ -773,6 +803,7 @@ def _start_flink(cfg: OnrampConfig, p: _Paths) -> dict:
         p.jm_pid.parent.mkdir(parents=True, exist_ok=True)
         _write_flink_conf(cfg, p, rpc_port)
         _write_flink_lib(p, _provisioned_job_jars(cfg))
+        rest_port_file.write_text(f"{cfg.flink_rest_port}\n")
         log.info(
             "Flink jobmanager starting (rest %s, rpc port %d), logs in %s",
             _local_rest_url(cfg), rpc_port, p.flink_log_dir,
@@ -852,7 +883,15 @@ def up(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
 
     p = _paths(cfg)
     out: dict[str, Any] = {}
-    with _services_lock(cfg):
+    with _state_dir_errors(cfg), _services_lock(cfg):
+        # Every port this call would bind, checked before anything starts: a busy Flink port found after Kafka
+        # started would leave a broker running that the user did not ask for on its own.
+        ports: dict[int, str] = {}
+        if kafka and _kafka_pid(cfg, p) is None:
+            ports.update({cfg.kafka_port: "ONRAMP_KAFKA_PORT", cfg.kafka_controller_port: "ONRAMP_KAFKA_CONTROLLER_PORT"})
+        if flink and _flink_pids(p)[0] is None:
+            ports[cfg.flink_rest_port] = "ONRAMP_FLINK_REST_PORT"
+        _require_ports(ports)
         if flink:  # its TaskManagers read the pseudonymization key from this file; made once, kept across restarts
             ensure_key_file(cfg.pseudonym_key_file)
         if kafka:
@@ -862,6 +901,19 @@ def up(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _state_dir_errors(cfg: OnrampConfig) -> Iterator[None]:
+    """A state directory that cannot be written (read-only, a file in the way) as one line naming the setting."""
+    try:
+        yield
+    except OSError as exc:
+        if not exc.filename:
+            raise
+        raise ServiceError(f"cannot write {exc.filename} ({exc.strerror}): services keep their pids, logs, data and "
+                           f"configuration under state_dir ({cfg.state_dir}); set --state-dir / ONRAMP_STATE_DIR to "
+                           f"a writable directory") from exc
+
+
 def down(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
     """Stop only the processes recorded in our pid files; harmless when nothing runs.
 
@@ -869,7 +921,7 @@ def down(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
     """
     p = _paths(cfg)
     out: dict[str, Any] = {}
-    with _services_lock(cfg):
+    with _state_dir_errors(cfg), _services_lock(cfg):
         if flink:
             out["flink"] = _stop_flink(cfg, p)
         if kafka:

@@ -75,3 +75,8 @@ def test_a_mistyped_switch_or_a_non_finite_number_is_refused_not_guessed(name, r
     with pytest.raises(ConfigError, match=f"ONRAMP_{name.upper()}: cannot read"):
         load_config(environ={f"ONRAMP_{name.upper()}": raw})
     assert load_config(environ={"ONRAMP_GC_FREEZE": "off"}).gc_freeze is False
+
+
+def test_two_local_services_on_one_port_are_refused():
+    with pytest.raises(ConfigError, match="kafka_port and flink_rest_port are both 9092"):
+        load_config(overrides={"flink_rest_port": 9092}, environ={})

@@ -90,6 +90,8 @@ def test_no_java_gives_clear_error(cfg, tmp_path, monkeypatch):
         ("kafka_port", "ONRAMP_KAFKA_PORT", {"flink": False}),
         ("kafka_controller_port", "ONRAMP_KAFKA_CONTROLLER_PORT", {"flink": False}),
         ("flink_rest_port", "ONRAMP_FLINK_REST_PORT", {"kafka": False}),
+        # Both asked for: the busy Flink port is found before Kafka starts, so no broker is left running alone.
+        ("flink_rest_port", "ONRAMP_FLINK_REST_PORT", {}),
     ],
 )
 def test_port_in_use_gives_clear_error(cfg, field, env_name, kwargs):
@@ -103,6 +105,13 @@ def test_port_in_use_gives_clear_error(cfg, field, env_name, kwargs):
     assert str(info.value) == f"port {port} is in use by another process; stop it or set {env_name}"
     st = services.status(cfg)
     assert not st["kafka"]["running"] and not st["flink"]["running"]
+
+
+def test_an_unwritable_state_dir_names_the_setting(cfg, tmp_path):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a directory")
+    with pytest.raises(ServiceError, match=r"cannot write .*a-file.*set --state-dir / ONRAMP_STATE_DIR to a writable"):
+        services.up(cfg.replace(state_dir=in_the_way, pseudonym_key_file=in_the_way / "key"))
 
 
 def test_unprovisioned_jars_give_clear_error(cfg, tmp_path):
@@ -160,6 +169,21 @@ def test_up_twice_is_harmless(cfg):
     again = services.up(cfg)
     assert again["kafka"]["started"] is False and again["flink"]["started"] is False
     assert _pids(services.status(cfg)) == _pids(before)
+
+
+def test_up_with_another_port_refuses_at_once_and_keeps_what_runs(cfg):
+    """It used to wait the whole service timeout on the new port, then stop the healthy service."""
+    before = _pids(services.status(cfg))
+    for field, kwargs, what in (("kafka_port", {"flink": False}, "Kafka"),
+                                ("flink_rest_port", {"kafka": False}, "Flink")):
+        other = _pick_port(getattr(cfg, field) + 7, {cfg.kafka_port, cfg.kafka_controller_port, cfg.flink_rest_port})
+        started = time.monotonic()
+        with pytest.raises(ServiceError, match=rf"{what} from state_dir .* is already running .*, not {field} "
+                                               rf"{other}: `onramp down` first"):
+            services.up(cfg.replace(**{field: other}), **kwargs)
+        assert time.monotonic() - started < 10
+    after = services.status(cfg)
+    assert after["kafka"]["healthy"] and after["flink"]["healthy"] and _pids(after) == before
 
 
 def test_kafka_admin_topics_are_idempotent(cfg):
