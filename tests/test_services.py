@@ -77,11 +77,23 @@ def test_status_when_nothing_runs(cfg):
 def test_no_java_gives_clear_error(cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("JAVA_HOME", raising=False)
-    with pytest.raises(ServiceError, match=r"java not found on PATH / JAVA_HOME; install a JDK 11/17"):
+    with pytest.raises(ServiceError, match=r"java not found on PATH / JAVA_HOME; install a JDK 17"):
         services.up(cfg)
-    with pytest.raises(ServiceError, match="java not found"):
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))  # a JAVA_HOME pointing at nothing is named
+    with pytest.raises(ServiceError, match=r"java not found on PATH / JAVA_HOME \(JAVA_HOME=.*no-jdk has no bin/java\)"):
         services.up(cfg, kafka=False)
     assert not services.status(cfg)["kafka"]["running"]
+
+
+def test_flink_alone_runs_on_java_11_and_kafka_needs_17(tmp_path):
+    fake = tmp_path / "jdk11" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "java").write_text('#!/bin/sh\necho \'openjdk version "11.0.22" 2024-01-16\' >&2\n')
+    (fake / "java").chmod(0o755)
+    env = {"JAVA_HOME": str(fake.parent), "PATH": ""}
+    assert services.find_java(env, minimum=services.MIN_FLINK_JAVA, needed_by="Flink 2.x") == fake / "java"
+    with pytest.raises(ServiceError, match=r"is Java 11; the Kafka 4.x broker needs Java 17\+"):
+        services.find_java(env)
 
 
 @pytest.mark.parametrize(
