@@ -25,8 +25,9 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
-def content_sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def content_sha(content: str | bytes) -> str:
+    """sha256 of a file's content, given as its text or its bytes (the same sha for UTF-8 text)."""
+    return hashlib.sha256(content.encode() if isinstance(content, str) else content).hexdigest()
 
 
 @dataclass
@@ -74,11 +75,12 @@ class RulesWatcher:
             log.warning("%s hot reload: cannot read %s yet: %s", self.label, self.path, exc)
             return None
         self._stamp = stamp
-        text = data.decode("utf-8", errors="replace")
-        sha = content_sha(text)
+        sha = content_sha(data)
         if sha == self.current_sha or sha in self.refused:
             return None
-        if "\ufffd" in text and "\ufffd".encode() not in data:  # bytes that are not UTF-8: not a rule file
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:  # not a text file at all: refused like any other broken content
             self.refused[sha] = "not a UTF-8 text file"
             log.error("%s hot reload: refused %s (keeping the current version): not a UTF-8 text file", self.label,
                       self.path)
