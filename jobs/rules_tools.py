@@ -70,16 +70,13 @@ def diff_documents(old: dict[str, Any], new: dict[str, Any]) -> RuleSetDiff:
 
 def _rule_document(path: Path) -> dict[str, Any]:
     """A rule file's YAML document; unreadable files and YAML errors as a RuleSetError naming file and line."""
-    from udfs.rules.model import Finding, RuleSetError, read_rule_text
+    from udfs.rules.model import Finding, RuleSetError, read_rule_text, yaml_error_finding
 
     text = read_rule_text(path)
     try:
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RuleSetError([Finding(str(path), mark.line + 1 if mark else 0, "yaml", f"not valid YAML: {problem}")]) \
-            from None
+        raise RuleSetError([yaml_error_finding(exc, str(path))]) from None
     if not isinstance(doc, dict):
         raise RuleSetError([Finding(str(path), 1, "yaml", "expected a rule set (a mapping: ruleset, version, ...)")])
     return doc

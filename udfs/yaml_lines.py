@@ -103,6 +103,15 @@ def _node_to_data(node: yaml.Node, path: JsonPath, lines: LineMap, loader: yaml.
                                    problem_mark=node.start_mark) from None
 
 
+def syntax_problem(exc: yaml.YAMLError) -> YamlProblem:
+    """PyYAML's error as a ``syntax`` problem at the line it points to (1 when it points nowhere)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        return YamlProblem("syntax", mark.line + 1 if mark else 1, detail=problem)
+    return YamlProblem("syntax", 1, detail=str(exc))
+
+
 def _unchanged(value: Any) -> Any:
     return value
 
@@ -122,12 +131,8 @@ def compose_with_lines(text: str, convert_scalar: Callable[[Any], Any] = _unchan
         if node is None:
             raise YamlSourceError([YamlProblem("empty", 1)])
         data = _node_to_data(node, (), lines, loader, problems, convert_scalar)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise YamlSourceError([YamlProblem("syntax", mark.line + 1 if mark else 1, detail=problem)]) from None
     except yaml.YAMLError as exc:
-        raise YamlSourceError([YamlProblem("syntax", 1, detail=str(exc))]) from None
+        raise YamlSourceError([syntax_problem(exc)]) from None
     finally:
         loader.dispose()
     if problems:

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 import jsonschema
+import yaml
 
 from udfs.yaml_lines import (
     TYPE_WORDS, JsonPath, LineMap, YamlProblem, YamlSourceError, compose_with_lines, schema_validator,
-    where as _where,
+    syntax_problem, where as _where,
 )
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "rules" / "ruleset.schema.json"
@@ -143,6 +144,12 @@ def _compose(text: str, source: str) -> tuple[Any, LineMap]:
         return compose_with_lines(text)
     except YamlSourceError as exc:
         raise RuleSetError([_yaml_finding(p, source) for p in exc.problems]) from None
+
+
+def yaml_error_finding(exc: yaml.YAMLError, source: str) -> Finding:
+    """PyYAML's error for a rule file, worded and placed as every rule-set finding is (for tools that load a rule
+    file as plain YAML, such as ``rules diff``)."""
+    return _yaml_finding(syntax_problem(exc), source)
 
 
 def _yaml_finding(problem: YamlProblem, source: str) -> Finding:
