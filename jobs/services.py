@@ -436,9 +436,7 @@ def _start_kafka(cfg: OnrampConfig, p: _Paths) -> dict:
         classpath = kafka_classpath(cfg)
     except ProvisionError as exc:
         raise ServiceError(f"cannot start Kafka: {exc}") from exc
-    _require_ports({cfg.kafka_port: "ONRAMP_KAFKA_PORT", cfg.kafka_controller_port: "ONRAMP_KAFKA_CONTROLLER_PORT",
-                    **{port: f"ONRAMP_{name.upper()}" for name in ("kafka_tls_port", "kafka_sasl_ssl_port")
-                       if (port := getattr(cfg, name))}})
+    _require_ports(_kafka_ports(cfg))
     if _bootstrap_port(cfg.bootstrap_servers) not in (None, cfg.kafka_port, cfg.kafka_tls_port, cfg.kafka_sasl_ssl_port):
         log.warning(
             "bootstrap_servers=%s does not point at the local broker port %d", cfg.bootstrap_servers, cfg.kafka_port
@@ -485,6 +483,13 @@ def _start_kafka(cfg: OnrampConfig, p: _Paths) -> dict:
     secs = time.monotonic() - started
     log.info("Kafka healthy in %.1fs", secs)
     return {**_kafka_status(cfg, p, probe=False), "healthy": True, "started": True, "seconds": round(secs, 1)}
+
+
+def _kafka_ports(cfg: OnrampConfig) -> dict[int, str]:
+    """Every port the local broker binds, with the variable that sets it (for "port in use" errors)."""
+    return {cfg.kafka_port: "ONRAMP_KAFKA_PORT", cfg.kafka_controller_port: "ONRAMP_KAFKA_CONTROLLER_PORT",
+            **{port: f"ONRAMP_{name.upper()}" for name in ("kafka_tls_port", "kafka_sasl_ssl_port")
+               if (port := getattr(cfg, name))}}
 
 
 def _running_kafka_port(p: _Paths) -> int | None:
@@ -894,7 +899,7 @@ def up(cfg: OnrampConfig, *, kafka: bool = True, flink: bool = True) -> dict:
         # started would leave a broker running that the user did not ask for on its own.
         ports: dict[int, str] = {}
         if kafka and _kafka_pid(cfg, p) is None:
-            ports.update({cfg.kafka_port: "ONRAMP_KAFKA_PORT", cfg.kafka_controller_port: "ONRAMP_KAFKA_CONTROLLER_PORT"})
+            ports.update(_kafka_ports(cfg))
         if flink and _flink_pids(p)[0] is None:
             ports[cfg.flink_rest_port] = "ONRAMP_FLINK_REST_PORT"
         _require_ports(ports)
